@@ -1,0 +1,285 @@
+"""One compact GPT: GPT-2 and the Llama family (Llama 2/3, Qwen2, Mistral, SmolLM) as config switches.
+
+GPT-2:  learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
+Llama:  RoPE (configurable theta, Llama-3 rope scaling), RMSNorm, SwiGLU MLP, grouped-query attention
+        (n_kv_head < n_head), optional q/k/v bias (Qwen2), untied head.
+Attention is F.scaled_dot_product_attention. generate() runs a preallocated KV cache over ragged, left-padded
+prompts and returns the sampled tokens together with their log-probs, so RL code need not recompute them.
+This file imports nothing else of nanoalign.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 1024
+    block_size: int = 256          # longest sequence (learned positions / RoPE table)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0             # 0 -> n_head; fewer -> grouped-query attention
+    n_embd: int = 128
+    head_dim: int = 0              # 0 -> n_embd // n_head
+    mlp_hidden: int = 0            # 0 -> 4 * n_embd
+    pos: str = "learned"           # "learned" (GPT-2) | "rope" (Llama)
+    norm: str = "layernorm"        # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"              # "gelu" (tanh approximation, as GPT-2) | "swiglu"
+    bias: bool = True              # biases in every linear layer and norm (GPT-2)
+    qkv_bias: bool = False         # biases on q, k, v only (Qwen2)
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # Llama-3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        assert self.pos in ("learned", "rope") and self.norm in ("layernorm", "rmsnorm") and self.mlp in ("gelu", "swiglu")
+
+
+def gpt2_config(**kw):
+    return GPTConfig(**kw)
+
+
+def llama_config(**kw):
+    return GPTConfig(**{**dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False), **kw})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()  # normalise in fp32 as Llama does: x / sqrt(mean(x^2) + eps)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def make_norm(cfg):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_inv_freq(cfg):
+    """inv_freq_i = theta^(-2i/d), with Llama-3's frequency-dependent scaling when rope_scaling is set."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)  # long wavelengths: divide by factor
+    smooth = (old_len / wavelen - low) / (high - low)                            # 0 at low-freq edge, 1 at high-freq edge
+    medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rotate_half(x):
+    # HF's layout: the head dim is split in halves (x1, x2) -> (-x2, x1); HF checkpoints need no permutation
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (B, n_kv_head, max_len, head_dim); `length` tokens are filled."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer, k, v):
+        T = k.size(2)
+        self.k[layer, :, :, self.length:self.length + T] = k
+        self.v[layer, :, :, self.length:self.length + T] = v
+        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x, rope, mask, cache):
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            cos, sin = rope                                                     # (B, 1, T, hd) each
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)                               # (B, nkv, S, hd), S = past + T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=c.dropout if self.training else 0.0, enable_gqa=c.n_kv_head != c.n_head)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU: W2 (silu(W1 x) * W3 x)
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache):
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))  # pre-norm residual
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+@dataclass
+class Generation:
+    prompt_ids: torch.Tensor    # (B, P) left-padded prompts
+    prompt_mask: torch.Tensor   # (B, P) 1 on real prompt tokens
+    tokens: torch.Tensor        # (B, N) sampled tokens, pad_id after EOS
+    logprobs: torch.Tensor      # (B, N) log-prob of each token under softmax(logits / temperature), 0 on padding
+    mask: torch.Tensor          # (B, N) 1 on generated tokens (EOS included)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(cfg).float(), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx, attention_mask=None, cache=None):
+        """Final-normed hidden states (B, T, C). attention_mask (B, S) marks real tokens of the whole sequence so far
+        (cache + idx); None means every token is real (right padding is harmless: attention is causal)."""
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            pos = torch.arange(past, past + T, device=idx.device).expand(B, T)   # (B, T)
+            mask = None if past == 0 else torch.ones(B, 1, T, past + T, dtype=torch.bool, device=idx.device)
+        else:
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]    # left padding shifts positions
+            S = attention_mask.size(1)
+            assert S == past + T, "attention_mask must cover the cached and the new tokens"
+            key, query = torch.arange(S, device=idx.device)[None, :], torch.arange(past, S, device=idx.device)[:, None]
+            mask = (key <= query)[None] & attention_mask.bool()[:, None, :]     # (B, T, S) causal and not padding
+            mask = (mask | (key == query)[None])[:, None]                        # (B, 1, T, S); a pad query sees itself: no NaN
+        assert pos.max() < self.cfg.block_size, f"sequence longer than block_size={self.cfg.block_size}"
+        x = self.tok_emb(idx)                                                    # (B, T, C)
+        rope = None
+        if self.cfg.pos == "learned":
+            x = x + self.pos_emb(pos)
+        else:
+            freqs = pos[..., None].float() * self.inv_freq                       # (B, T, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]                     # (B, 1, T, hd)
+            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm_f(x)
+
+    def forward(self, idx, attention_mask=None, cache=None):
+        return self.lm_head(self.hidden_states(idx, attention_mask, cache))      # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, pad_id=0,
+                 generator=None):
+        """Sample continuations of ragged `prompts` (list of token lists) with a KV cache.
+        temperature=0 is greedy (log-probs then come from the unscaled distribution). Rows stop at EOS."""
+        device, B = self.lm_head.weight.device, len(prompts)
+        P = max(len(p) for p in prompts)
+        assert P + max_new_tokens <= self.cfg.block_size, "prompt + max_new_tokens exceeds block_size"
+        prompt_ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)  # grows as tokens are appended
+        for i, p in enumerate(prompts):
+            assert len(p) > 0, "empty prompt: prepend a BOS/EOS token"
+            prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            attn[i, P - len(p):P] = 1
+        cache = KVCache(self.cfg, B, P + max_new_tokens, device, self.lm_head.weight.dtype)
+        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        logits = self(prompt_ids, attn[:, :P], cache)[:, -1].float()             # (B, V)
+        for t in range(max_new_tokens):
+            scaled = logits / temperature if temperature > 0 else logits
+            logp = F.log_softmax(scaled, dim=-1)                                  # (B, V) sampling distribution
+            if temperature > 0:
+                nxt = torch.multinomial(filter_logits(scaled, top_k, top_p).softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                nxt = scaled.argmax(-1)
+            tokens[:, t] = torch.where(done, pad_id, nxt)
+            logprobs[:, t] = torch.where(done, 0.0, logp.gather(1, nxt[:, None])[:, 0])
+            attn[:, P + t] = 1
+            if eos_id is not None:
+                done = done | (nxt == eos_id)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                tokens, logprobs = tokens[:, :t + 1], logprobs[:, :t + 1]
+                break
+            logits = self(tokens[:, t:t + 1], attn[:, :P + t + 1], cache)[:, -1].float()
+        # a row's tokens are valid up to and including its first EOS
+        is_eos = (tokens == eos_id) if eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0                 # strictly after the first EOS
+        return Generation(prompt_ids, attn[:, :P], tokens, logprobs, (~after_eos).float())
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. logits (B, V)."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                   # (B, 1) k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p                                   # mass before this token already > p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
