@@ -1,0 +1,223 @@
+"""Typed training configuration: defaults < preset file < overrides dict < --key=value.
+
+nanoGPT's semantics (typed defaults, a preset file, `--key=value`, an unknown key is an error) as an
+importable function instead of `exec` of globals, so train.py stays testable:
+
+    cfg = load_config(["presets/dpo.toml", "--lr=5e-5", "--compile"], algo_configs=registry_config)
+    cfg.lr, cfg.beta          # TrainConfig keys and the algorithm's own keys on one flat object
+
+The preset is a flat TOML table (`lr = 5e-5`). The resolved config is saved in every checkpoint with
+config_to_dict and rebuilt on resume with config_from_dict.
+"""
+import dataclasses
+import difflib
+import functools
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+AlgoConfigs = Callable[[str], type | None]  # algorithm name -> its hyperparameter dataclass (or None)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    algo: str = "dpo"  # registry name of the algorithm (nanoalign/algos/)
+    out_dir: str = ""  # "" -> out/<algo>
+    data: str = ""  # training JSONL; "" -> the toy world's data for this algorithm
+    eval_data: str = ""  # optional JSONL for periodic evaluation
+    init_from: str = ""  # "" -> toy world's SFT model; "scratch"; "ckpt:<dir>"; "hf:<dir>"
+    tokenizer: str = "toy"  # used with init_from=scratch: "toy" | "bytes" | "gpt2" | "hf:<dir>"
+    # model shape, used only with init_from=scratch
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 -> n_head
+    n_embd: int = 128  # residual width
+    block_size: int = 128  # maximum context length of the model
+    arch: Literal["gpt2", "llama"] = "gpt2"  # learned pos + LayerNorm + GELU, or RoPE + RMSNorm + SwiGLU
+    dropout: float = 0.0  # dropout probability inside the model
+    max_len: int = 128  # max tokens per example; the prompt is cut from the left to fit
+    # optimisation
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 32  # examples per optimizer step, summed over all ranks
+    micro_batch_size: int = 8  # examples per forward pass on one rank; accumulation fills the rest
+    lr: float = 1e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 10  # linear warmup from 0 to lr
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global grad norm to this; 0 -> off
+    # system
+    device: str = "auto"  # "auto" -> cuda if available else cpu; or "cpu", "cuda", "cuda:1", "mps"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; "auto" -> bfloat16 where supported
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337  # seeds the model init, the data order and sampling
+    log_interval: int = 10  # log metrics every this many steps
+    eval_interval: int = 0  # evaluate every this many steps; 0 -> never
+    eval_batches: int = 10  # micro-batches per evaluation
+    ckpt_interval: int = 0  # save a checkpoint every this many steps; 0 -> only at the end
+    resume: bool = False  # continue from out_dir/ckpt.pt (same data order, same step)
+    # LoRA (Hu et al. 2021); lora_rank=0 trains all weights
+    lora_rank: int = 0  # rank r of the low-rank update; 0 -> no LoRA
+    lora_alpha: float = 16.0  # the update is scaled by alpha / r
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated module names that get adapters
+
+
+# Names users bring from nanoGPT and TRL that difflib cannot match to ours (e.g. learning_rate -> lr).
+KNOWN_ALIASES = {
+    "learning_rate": "lr", "max_iters": "max_steps", "num_train_epochs": "max_steps",
+    "warmup_iters": "warmup_steps", "min_lr": "min_lr_ratio", "beta1": "adam_beta1", "beta2": "adam_beta2",
+    "max_grad_norm": "grad_clip", "gradient_accumulation_steps": "batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "output_dir": "out_dir", "max_length": "max_len",
+    "logging_steps": "log_interval", "eval_steps": "eval_interval", "eval_iters": "eval_batches",
+    "save_steps": "ckpt_interval", "bf16": "dtype", "lora_r": "lora_rank", "lora_target_modules": "lora_targets",
+}
+
+
+def load_config(argv: list[str], algo_configs: AlgoConfigs | None = None, overrides: dict | None = None):
+    """Resolve the config from argv (`--key=value`, bare `--flag` = True, at most one `.toml` preset path)."""
+    preset_path, argv_values = _parse_argv(argv)
+    layers = []  # (where the values came from, values), lowest precedence first
+    if preset_path is not None:
+        layers.append((f"preset file {preset_path}", _read_preset(preset_path)))
+    if overrides:
+        layers.append(("overrides", dict(overrides)))
+    layers.append(("the command line", argv_values))
+    return _build(layers, algo_configs)
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict, algo_configs: AlgoConfigs | None = None):
+    """Rebuild a config saved with config_to_dict (checkpoints, resume); same checks as load_config."""
+    return _build([("saved config", dict(d))], algo_configs)
+
+
+def _parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    preset_path, values = None, {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, has_value, value = arg[2:].partition("=")
+            values[key.replace("-", "_")] = value if has_value else True  # bare --flag means True
+        elif arg.endswith(".toml") and preset_path is None:
+            preset_path = arg
+        elif arg.endswith(".toml"):
+            raise ConfigError(f"only one preset file is allowed, got {preset_path} and {arg}")
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --key=value or a .toml preset file")
+    return preset_path, values
+
+
+def _read_preset(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"preset file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"preset file {path}: {e}") from None
+    for key, value in table.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"preset file {path}: [{key}] is a table; presets are one flat table of keys")
+    return table
+
+
+def _build(layers: list[tuple[str, dict]], algo_configs: AlgoConfigs | None):
+    """Merge TrainConfig with the algorithm's dataclass, then apply each layer of values with type checks."""
+    algo = TrainConfig.algo
+    for source, values in layers:  # the algorithm decides which keys exist, so resolve it first
+        if "algo" in values:
+            algo = _convert("algo", values["algo"], str, source)
+    algo_cls = algo_configs(algo) if algo_configs is not None else None
+    config_cls = _config_class(algo_cls)
+    types_by_key = typing.get_type_hints(config_cls)
+    resolved = {}
+    for source, values in layers:
+        for key, value in values.items():
+            if key not in types_by_key:
+                raise ConfigError(_unknown_key_message(key, source, list(types_by_key), algo))
+            resolved[key] = _convert(key, value, types_by_key[key], source)
+    return config_cls(**resolved)
+
+
+@functools.cache  # one class per algorithm, so configs built twice compare equal
+def _config_class(algo_cls: type | None) -> type:
+    """One flat dataclass `Config` with TrainConfig's fields followed by the algorithm's."""
+    fields = []
+    for cls in (TrainConfig, algo_cls) if algo_cls is not None else (TrainConfig,):
+        hints = typing.get_type_hints(cls)  # resolves string annotations (from __future__ import annotations)
+        for f in dataclasses.fields(cls):
+            fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory)))
+    names = [name for name, _, _ in fields]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise ConfigError(f"{algo_cls.__name__} redefines TrainConfig keys {clashes}; rename them in the algorithm")
+    return dataclasses.make_dataclass("Config", fields)
+
+
+def _unknown_key_message(key: str, source: str, known: list[str], algo: str) -> str:
+    suggestions = difflib.get_close_matches(key, known, n=3)
+    if KNOWN_ALIASES.get(key) in known and KNOWN_ALIASES[key] not in suggestions:
+        suggestions.insert(0, KNOWN_ALIASES[key])
+    hint = f"; did you mean {' or '.join(suggestions)}?" if suggestions else ""
+    return f"unknown config key {key!r} from {source} (algo={algo}){hint}"
+
+
+def _convert(key: str, value: Any, expected: Any, source: str) -> Any:
+    """Check `value` against the annotation `expected`, converting command-line strings."""
+    def fail():
+        name = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+        return ConfigError(f"config key {key!r} from {source}: expected {name}, got {value!r}")
+
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(key, value, option, source)
+            except ConfigError:
+                pass
+        raise fail()
+    if origin is Literal:
+        if value in args:
+            return value
+        raise fail()
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+            return False
+        raise fail()
+    if expected in (int, float):  # an int is a fine float, a bool is neither
+        if isinstance(value, bool) or (expected is int and isinstance(value, float)):
+            raise fail()
+        if isinstance(value, (int, float)):
+            return expected(value)
+        if not isinstance(value, str):
+            raise fail()
+        try:
+            return expected(value)  # "1e-4" for a float, "200" for an int
+        except ValueError:
+            raise fail() from None
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if isinstance(expected, type) and isinstance(value, expected):  # lists, dicts from a preset or a saved config
+        return value
+    if origin is not None and isinstance(value, origin):  # list[int], dict[str, float], ...
+        return value
+    raise fail()
