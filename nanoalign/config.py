@@ -175,7 +175,10 @@ def _unknown_key_message(key: str, source: str, known: list[str], algo: str) -> 
 def _convert(key: str, value: Any, expected: Any, source: str) -> Any:
     """Check `value` against the annotation `expected`, converting command-line strings."""
     def fail():
-        name = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+        if typing.get_origin(expected) is Literal:
+            name = "one of " + ", ".join(map(repr, typing.get_args(expected)))
+        else:
+            name = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
         return ConfigError(f"config key {key!r} from {source}: expected {name}, got {value!r}")
 
     origin, args = typing.get_origin(expected), typing.get_args(expected)

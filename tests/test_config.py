@@ -68,7 +68,7 @@ def test_bool_spellings(text, expected):
                                               ("--max_steps=abc", "max_steps", "int"),
                                               ("--lr=fast", "lr", "float"),
                                               ("--compile=maybe", "compile", "bool"),
-                                              ("--dtype=float16", "dtype", "Literal"),
+                                              ("--dtype=float16", "dtype", "one of 'auto', 'float32', 'bfloat16'"),
                                               ("--lr", "lr", "float")])
 def test_wrong_type_names_key_value_and_type(arg, key, expected):
     with pytest.raises(ConfigError) as e:
