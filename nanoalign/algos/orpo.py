@@ -1,0 +1,54 @@
+"""Odds Ratio Preference Optimization (ORPO) as a pure loss function.
+
+Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+arXiv:2403.07691. Reference-free: one SFT loss plus an odds-ratio penalty, in one stage. With the
+length-normalised likelihood P(y|x) = exp(avg_logp), avg_logp = (1/|y|) sum_t log pi(y_t|x, y_<t),
+odds(y|x) = P / (1 - P), and
+
+    L_ORPO = E[ L_SFT + lam * L_OR ]                                    (Eq. 6)
+    L_OR   = -log sigmoid( log odds(y_w|x) - log odds(y_l|x) )          (Eq. 7)
+    log odds(y|x) = avg_logp - log(1 - exp(avg_logp)).
+
+Numerics: as P -> 1 (avg_logp -> 0^-), 1 - exp(avg_logp) loses every digit in float32 (exp(-1e-8)
+rounds to 1, so TRL's log1p(-exp(x)) gives -inf). We compute log(1 - P) = log(-expm1(avg_logp)),
+which keeps full relative precision near 0; for very negative avg_logp it rounds to log(1) = 0, an
+absolute error below exp(avg_logp) next to a log odds of ~avg_logp, so no second branch is needed.
+avg_logp is clamped at MAX_AVG_LOGP < 0 so an exactly certain model (avg_logp == 0.0, which float32
+log-softmax does return) gives a finite log odds (about 27.6) instead of +inf.
+
+Gradients (derived by hand; tests/test_kto_orpo_loss.py checks them against autograd), with
+x = avg_logp, d log odds / dx = 1 + exp(x) / (1 - exp(x)) = 1 / (1 - exp(x)), and
+Delta = log odds(y_w) - log odds(y_l):
+  dL/dx_w = -lam s(-Delta) / (1 - exp(x_w)),  dL/dx_l = +lam s(-Delta) / (1 - exp(x_l)),  dL/dnll = 1.
+
+This implementation differs from the paper in:
+  - L_SFT is passed in per sequence (`chosen_nll`, (B,)); the adapter decides how it is averaged
+    over tokens (the paper's and TRL's L_SFT is the token-mean cross-entropy of y_w).
+  - the clamp at MAX_AVG_LOGP: for avg_logp in (MAX_AVG_LOGP, 0] the odds-ratio term carries no
+    gradient for that response (the NLL term still does).
+"""
+import torch.nn.functional as F
+import torch
+
+MAX_AVG_LOGP = -1e-12  # largest average log-prob used in the log odds; log odds(MAX) = log(1e12) ~ 27.6
+
+
+def log_odds(avg_logps):
+    """log(P / (1 - P)) for P = exp(avg_logps), finite for every avg_logps <= 0."""
+    avg_logps = avg_logps.clamp(max=MAX_AVG_LOGP)
+    return avg_logps - torch.log(-torch.expm1(avg_logps))  # log P - log(1 - P)
+
+
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, lam):
+    """ORPO losses (B,), the odds-ratio term L_OR (B,) and the log odds ratio Delta (B,).
+
+    chosen_avg_logps, rejected_avg_logps: (B,) per-token average log pi(y|x) of y_w and y_l;
+    chosen_nll: (B,) the SFT loss of y_w; lam: weight of L_OR (TRL calls it beta, default 0.1).
+    """
+    log_odds_ratio = log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps)  # Delta, (B,)
+    or_term = -F.logsigmoid(log_odds_ratio)  # L_OR = -log s(Delta), Eq. 7
+    losses = chosen_nll + lam * or_term  # L_SFT + lam L_OR, Eq. 6
+    return losses, or_term, log_odds_ratio
+
+
+# --- Algorithm adapter (phase 2): batch -> average log-probs and NLL of y_w -> orpo_loss ---
