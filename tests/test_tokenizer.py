@@ -1,5 +1,3 @@
-import importlib.util
-
 import pytest
 import tiktoken
 import tiktoken.load
@@ -116,15 +114,14 @@ def test_unknown_spec():
         get_tokenizer("gpt3")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nanoalign.toy") is None
-                    or importlib.util.find_spec("nanoalign.toy.world") is None,
-                    reason="nanoalign.toy.world not written yet")
 def test_toy_spec():
-    from nanoalign.toy.world import vocabulary
+    from nanoalign.toy.world import make_corpus, vocabulary
     tok = get_tokenizer("toy")
     assert tok.vocab_size <= 1024 and tok.pad_id != tok.eos_id and tok.spec == "toy"
     assert get_tokenizer("toy").encoding is tok.encoding  # trained once per process
-    for word in vocabulary():
-        assert tok.decode(tok.encode(" " + word)) == " " + word
-        if len(pretokenize(" " + word)) == 1:
-            assert len(tok.encode(" " + word)) == 1, word
+    assert tok.encoding._mergeable_ranks == train_bpe({" " + w: c for w, c in vocabulary().items()}, 1022)
+    for word in vocabulary():  # every word, with its leading space, is one token
+        assert len(tok.encode(" " + word)) == 1, word
+    for review in make_corpus(20, seed=1):  # so a review costs one token per space-separated word
+        assert len(tok.encode(" " + review)) == len(review.split(" "))
+        assert tok.decode(tok.encode(review)) == review
