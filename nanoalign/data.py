@@ -1,0 +1,288 @@
+"""JSONL datasets -> token lists with completion masks -> padded tensors, in a resumable order.
+
+Formats use TRL's standard columns (extra columns are kept and ignored):
+    sft         {"prompt", "completion"} or {"text"}
+    text        {"text"}
+    preference  {"prompt", "chosen", "rejected"}
+    binary      {"prompt", "completion", "label": true|false}    (KTO)
+    prompt      {"prompt"}                                         (online algorithms)
+Every bad row raises DataError naming `path:line` and the field. Rows dropped while tokenising (too
+long, chosen == rejected) are counted in a Filtered record and reported in one line, never lost silently.
+
+Sequences are [bos] + prompt + completion + [eos] (bos only if the tokenizer has one); prompt and
+completion are encoded separately so the loss mask boundary is exact. Over max_len, the prompt is cut
+from the LEFT (the end of the prompt, next to the answer, is kept); if the completion + EOS alone does
+not fit, the example is dropped.
+"""
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+FORMATS = ("sft", "text", "preference", "binary", "prompt")
+COMPLETION_FIELDS = {"sft": ("completion",), "text": (), "preference": ("chosen", "rejected"),
+                     "binary": ("completion",), "prompt": ()}
+JSON_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "object",
+                   type(None): "null"}
+
+
+class DataError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_jsonl(path, fmt: str) -> list[dict]:
+    """Read and validate one JSON object per line; blank lines are skipped."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    rows = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
+        _validate(row, fmt, where)
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def _validate(row: dict, fmt: str, where: str) -> None:
+    if fmt == "text" or (fmt == "sft" and "completion" not in row and "text" in row):
+        _check_string(row, "text", where, allow_empty=False)
+        return
+    _check_string(row, "prompt", where, allow_empty=fmt != "prompt")  # an empty prompt is fine for offline data
+    for name in COMPLETION_FIELDS[fmt]:
+        _check_string(row, name, where, allow_empty=False)
+    if fmt == "binary" and not isinstance(row.get("label"), bool):
+        _missing_or_wrong(row, "label", where, "true or false")
+
+
+def _check_string(row: dict, name: str, where: str, allow_empty: bool) -> None:
+    value = row.get(name)
+    expected = "a string" if allow_empty else "a non-empty string"
+    if not isinstance(value, str) or (not allow_empty and value == ""):
+        _missing_or_wrong(row, name, where, expected)
+
+
+def _missing_or_wrong(row: dict, name: str, where: str, expected: str) -> None:
+    if name not in row:
+        hint = " (conversational 'messages' rows are not supported: apply a chat template first)" if "messages" in row else ""
+        raise DataError(f"{where}: missing field {name!r}{hint}")
+    value = row[name]
+    got = "an empty string" if value == "" else _type_name(value)
+    raise DataError(f"{where}: field {name!r}: expected {expected}, got {got}")
+
+
+def _type_name(value) -> str:
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def unpair(rows: list[dict]) -> list[dict]:
+    """Preference rows -> binary rows for KTO: chosen -> label True, rejected -> label False."""
+    binary = []
+    for row in rows:
+        binary.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        binary.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return binary
+
+
+# ---------------------------------------------------------------------------------------------- tokenising
+@dataclass
+class Filtered:
+    """What tokenisation did to the rows: drops by reason, and how many prompts were cut from the left."""
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+
+
+def report(filtered: Filtered, path, kept: int, log: Callable[[str], None] = print) -> None:
+    """One line, e.g. `data prefs.jsonl: kept 998 of 1000 (dropped: too_long 1, chosen_equals_rejected 1)`."""
+    total = kept + sum(filtered.dropped.values())
+    line = f"data {path}: kept {kept} of {total}"
+    if filtered.dropped:
+        line += " (dropped: " + ", ".join(f"{reason} {n}" for reason, n in filtered.dropped.items()) + ")"
+    if filtered.truncated:
+        line += f"; prompt cut from the left in {filtered.truncated}"
+    log(line)
+
+
+def _fit_prompt(prompt_ids: list[int], budget: int, filtered: Filtered) -> list[int] | None:
+    """Keep the last `budget` prompt tokens; None if the budget is negative (the completion alone is too long)."""
+    if budget < 0:
+        filtered.dropped["too_long"] += 1
+        return None
+    if len(prompt_ids) > budget:
+        filtered.truncated += 1
+        return prompt_ids[len(prompt_ids) - budget:]  # not prompt_ids[-budget:], which is everything when budget == 0
+    return prompt_ids
+
+
+def _sequence(bos: list[int], prompt_ids: list[int], completion_ids: list[int], eos_id: int) -> tuple[list, list]:
+    """ids = [bos] + prompt + completion + [eos]; mask 1 on completion + eos only."""
+    ids = bos + prompt_ids + completion_ids + [eos_id]
+    mask = [0] * (len(bos) + len(prompt_ids)) + [1] * (len(completion_ids) + 1)
+    return ids, mask
+
+
+def _prompt_and_completion(row: dict) -> tuple[str, str]:
+    if "completion" not in row and "text" in row:  # {"text"}: the whole text is the completion
+        return "", row["text"]
+    return row["prompt"], row["completion"]
+
+
+def _sft_example(row: dict, tok, max_len: int, filtered: Filtered) -> dict | None:
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    prompt, completion = _prompt_and_completion(row)
+    completion_ids = tok.encode(completion)
+    prompt_ids = _fit_prompt(tok.encode(prompt), max_len - len(bos) - len(completion_ids) - 1, filtered)
+    if prompt_ids is None:
+        return None
+    input_ids, loss_mask = _sequence(bos, prompt_ids, completion_ids, tok.eos_id)
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def tokenize_sft(rows: list[dict], tok, max_len: int) -> tuple[list[dict], Filtered]:
+    """-> examples {"input_ids", "loss_mask"} (lists of ints); {"text"} rows are all completion."""
+    filtered = Filtered()
+    examples = [_sft_example(row, tok, max_len, filtered) for row in rows]
+    return [e for e in examples if e is not None], filtered
+
+
+def tokenize_binary(rows: list[dict], tok, max_len: int) -> tuple[list[dict], Filtered]:
+    """-> examples {"input_ids", "loss_mask", "label"} for KTO-style unpaired feedback."""
+    filtered = Filtered()
+    examples = [(_sft_example(row, tok, max_len, filtered), row["label"]) for row in rows]
+    return [{**e, "label": label} for e, label in examples if e is not None], filtered
+
+
+def tokenize_preference(rows: list[dict], tok, max_len: int) -> tuple[list[dict], Filtered]:
+    """-> examples {"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"} sharing one prompt."""
+    examples, filtered = [], Filtered()
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    for row in rows:
+        if row["chosen"] == row["rejected"]:  # no preference signal; DPO's loss would be constant log 2
+            filtered.dropped["chosen_equals_rejected"] += 1
+            continue
+        chosen_ids, rejected_ids = tok.encode(row["chosen"]), tok.encode(row["rejected"])
+        longest = max(len(chosen_ids), len(rejected_ids))
+        prompt_ids = _fit_prompt(tok.encode(row["prompt"]), max_len - len(bos) - longest - 1, filtered)
+        if prompt_ids is None:
+            continue
+        chosen, chosen_mask = _sequence(bos, prompt_ids, chosen_ids, tok.eos_id)
+        rejected, rejected_mask = _sequence(bos, prompt_ids, rejected_ids, tok.eos_id)
+        examples.append({"chosen_ids": chosen, "chosen_mask": chosen_mask,
+                         "rejected_ids": rejected, "rejected_mask": rejected_mask})
+    return examples, filtered
+
+
+def tokenize_prompts(rows: list[dict], tok, max_prompt_len: int) -> tuple[list[dict], Filtered]:
+    """-> examples {"prompt_ids"}: [bos] + prompt, cut from the left to max_prompt_len tokens."""
+    examples, filtered = [], Filtered()
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    for row in rows:
+        prompt_ids = _fit_prompt(tok.encode(row["prompt"]), max_prompt_len - len(bos), filtered)
+        if prompt_ids is None:
+            continue
+        if not bos + prompt_ids:  # nothing to condition generation on
+            filtered.dropped["empty_prompt"] += 1
+            continue
+        examples.append({"prompt_ids": bos + prompt_ids})
+    return examples, filtered
+
+
+def load_examples(path, fmt: str, tok, max_len: int, max_prompt_len: int | None = None,
+                  log: Callable[[str], None] = print) -> list[dict]:
+    """read_jsonl + the tokenizer for `fmt` + one report line; what algorithms call."""
+    rows = read_jsonl(path, fmt)
+    if fmt == "prompt":
+        examples, filtered = tokenize_prompts(rows, tok, max_prompt_len or max_len // 2)
+    elif fmt == "preference":
+        examples, filtered = tokenize_preference(rows, tok, max_len)
+    elif fmt == "binary":
+        examples, filtered = tokenize_binary(rows, tok, max_len)
+    else:  # sft, text
+        examples, filtered = tokenize_sft(rows, tok, max_len)
+    report(filtered, path, len(examples), log)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------- batching
+TOKEN_FIELDS = ("input_ids", "loss_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "prompt_ids")
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad a micro-batch to its longest sequence.
+
+    -> input_ids (B, T) long, loss_mask (B, T) float, attention_mask (B, T) long (1 on real tokens);
+    preference examples give 2B rows, the B chosen first then the B rejected, padded to one length.
+    Other numeric fields (label, cached ref_chosen_logps, ...) -> (B,) tensors (bool stays bool, else
+    float32); prompt examples -> prompt_ids as a ragged list of lists (generation pads them itself).
+    """
+    first = examples[0]
+    if "prompt_ids" in first:
+        batch = {"prompt_ids": [list(e["prompt_ids"]) for e in examples]}
+    elif "chosen_ids" in first:
+        batch = _pad([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples],
+                     [e["chosen_mask"] for e in examples] + [e["rejected_mask"] for e in examples], pad_id)
+    else:
+        batch = _pad([e["input_ids"] for e in examples], [e["loss_mask"] for e in examples], pad_id)
+    for name in first:
+        if name not in TOKEN_FIELDS:
+            values = [e[name] for e in examples]
+            dtype = torch.bool if all(isinstance(v, bool) for v in values) else torch.float32
+            batch[name] = torch.tensor([float(v) if dtype == torch.float32 else v for v in values], dtype=dtype)  # (B,)
+    return batch
+
+
+def _pad(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> dict:
+    T = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)  # (B, T)
+    loss_mask = torch.zeros((len(sequences), T), dtype=torch.float32)  # (B, T)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)  # (B, T)
+    for i, (ids, mask) in enumerate(zip(sequences, masks)):
+        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        loss_mask[i, :len(mask)] = torch.tensor(mask, dtype=torch.float32)
+        attention_mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
+
+
+def micro_batches(examples: list, micro_batch_size: int, grad_accum: int, rank: int, world_size: int,
+                  seed: int, start_step: int, collate_fn: Callable[[list], dict]) -> Iterator[dict]:
+    """Yield this rank's micro-batches forever, grad_accum per optimizer step, starting at start_step.
+
+    The global batch of step s (micro_batch_size * grad_accum * world_size examples) is the s-th
+    consecutive slice of the epoch's permutation (torch.randperm seeded with seed + epoch; the last
+    partial global batch of an epoch is dropped). It is cut into
+    world_size * grad_accum chunks and rank r's micro-step m gets chunk r * grad_accum + m, so every
+    (world_size, grad_accum) split of one global batch size trains on the same examples per step, and a
+    resumed run (start_step = steps done) continues exactly where the crashed one stopped.
+    """
+    global_batch = micro_batch_size * grad_accum * world_size
+    if len(examples) < global_batch:
+        raise DataError(f"the dataset has {len(examples)} examples, fewer than one global batch of {global_batch} "
+                        f"(micro_batch_size {micro_batch_size} x grad_accum {grad_accum} x world_size {world_size})")
+    step, cached_epoch, permutation = start_step, None, None
+    steps_per_epoch = len(examples) // global_batch
+    while True:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if epoch != cached_epoch:  # one permutation per epoch, shared by all ranks through the seed
+            generator = torch.Generator().manual_seed(seed + epoch)
+            permutation, cached_epoch = torch.randperm(len(examples), generator=generator).tolist(), epoch
+        batch_start = step_in_epoch * global_batch
+        for micro_step in range(grad_accum):
+            chunk_start = batch_start + (rank * grad_accum + micro_step) * micro_batch_size
+            yield collate_fn([examples[i] for i in permutation[chunk_start:chunk_start + micro_batch_size]])
+        step += 1

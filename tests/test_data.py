@@ -1,0 +1,221 @@
+"""JSONL validation with path:line errors, completion masks, truncation, filtering reports, collate, batch order."""
+import itertools
+import json
+from functools import partial
+
+import pytest
+import torch
+
+from nanoalign.data import (DataError, Filtered, collate, load_examples, micro_batches, read_jsonl, report,
+                            tokenize_binary, tokenize_preference, tokenize_prompts, tokenize_sft, unpair)
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte; specials above 255 so they never collide with text."""
+    eos_id, pad_id = 256, 257
+
+    def __init__(self, bos_id=None):
+        self.bos_id = bos_id
+
+    def encode(self, text):
+        return list(text.encode())
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- validation
+GOOD = {"preference": {"prompt": "p", "chosen": "a", "rejected": "b"}, "binary": {"prompt": "p", "completion": "c", "label": True},
+        "sft": {"prompt": "p", "completion": "c"}, "prompt": {"prompt": "p"}, "text": {"text": "t"}}
+
+
+@pytest.mark.parametrize("fmt,bad_line,message", [
+    ("preference", {"prompt": "p", "chosen": 3, "rejected": "b"}, "field 'chosen': expected a non-empty string, got int"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": ""}, "field 'rejected': expected a non-empty string, got an empty string"),
+    ("preference", {"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
+    ("preference", {"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt': expected a string, got null"),
+    ("sft", {"prompt": "p", "completion": ["c"]}, "field 'completion': expected a non-empty string, got list"),
+    ("sft", {"prompt": "p"}, "missing field 'completion'"),
+    ("sft", {"text": ""}, "field 'text': expected a non-empty string, got an empty string"),
+    ("text", {"prompt": "p", "completion": "c"}, "missing field 'text'"),
+    ("binary", {"prompt": "p", "completion": "c", "label": 1}, "field 'label': expected true or false, got int"),
+    ("binary", {"prompt": "p", "completion": "c", "label": "true"}, "field 'label': expected true or false, got string"),
+    ("binary", {"prompt": "p", "completion": "c"}, "missing field 'label'"),
+    ("prompt", {"prompt": ""}, "field 'prompt': expected a non-empty string, got an empty string"),
+    ("sft", {"messages": [{"role": "user", "content": "hi"}]}, "missing field 'prompt' (conversational 'messages'"),
+    ("sft", '{"prompt": "p", "completion": ', "not valid JSON (Expecting value"),
+    ("sft", '["p", "c"]', "expected a JSON object, got list"),
+])
+def test_bad_row_names_file_line_and_field(tmp_path, fmt, bad_line, message):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD[fmt], "", GOOD[fmt], bad_line])  # line 2 is blank
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, fmt)
+    assert str(e.value).startswith(f"{path}:4: ") and message in str(e.value)
+
+
+def test_good_rows_are_read_and_extra_columns_kept(tmp_path):
+    rows = [{"prompt": "", "chosen": "a", "rejected": "b", "source": "x"}, {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows + [""])
+    assert read_jsonl(path, "preference") == rows  # empty prompt allowed offline; trailing blank line skipped
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "completion": "c"}, {"text": "t"}])
+    assert len(read_jsonl(sft, "sft")) == 2  # both sft shapes mix in one file
+
+
+def test_empty_file_and_missing_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError, match="empty.jsonl: no rows"):
+        read_jsonl(empty, "sft")
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        read_jsonl(tmp_path / "nope.jsonl", "sft")
+
+
+# ---------------------------------------------------------------------------------------------- tokenising
+def test_sft_mask_is_exactly_completion_plus_eos():
+    """prompt "ab" (97, 98), completion "c" (99), bos 300:
+    ids  = [300, 97, 98, 99, 256]
+    mask = [  0,  0,  0,  1,   1]   (completion and EOS only)"""
+    examples, filtered = tokenize_sft([{"prompt": "ab", "completion": "c"}], ByteTokenizer(bos_id=300), max_len=16)
+    assert examples == [{"input_ids": [300, 97, 98, 99, 256], "loss_mask": [0, 0, 0, 1, 1]}]
+    assert filtered == Filtered()
+    text_examples, _ = tokenize_sft([{"text": "hi"}], ByteTokenizer(bos_id=300), max_len=16)
+    assert text_examples == [{"input_ids": [300, 104, 105, 256], "loss_mask": [0, 1, 1, 1]}]  # all text is completion
+
+
+def test_long_prompt_is_cut_from_the_left_and_completion_kept():
+    """max_len 6, no bos: completion "xy" + EOS take 3, so the prompt keeps its LAST 3 bytes "def"."""
+    examples, filtered = tokenize_sft([{"prompt": "abcdef", "completion": "xy"}], ByteTokenizer(), max_len=6)
+    assert examples == [{"input_ids": list(b"defxy") + [256], "loss_mask": [0, 0, 0, 1, 1, 1]}]
+    assert filtered.truncated == 1 and not filtered.dropped
+
+
+def test_too_long_completion_dropped_but_exact_fit_kept():
+    """bos + "abcd" + EOS = 6 tokens: fits max_len 6 with the whole prompt cut, not max_len 5."""
+    rows = [{"prompt": "pp", "completion": "abcd"}]
+    kept, filtered = tokenize_sft(rows, ByteTokenizer(bos_id=300), max_len=6)
+    assert kept == [{"input_ids": [300, 97, 98, 99, 100, 256], "loss_mask": [0, 1, 1, 1, 1, 1]}]
+    assert filtered.truncated == 1
+    dropped, filtered = tokenize_sft(rows, ByteTokenizer(bos_id=300), max_len=5)
+    assert dropped == [] and filtered.dropped == {"too_long": 1}
+
+
+def test_preference_shares_one_prompt_and_drops_ties():
+    """max_len 7: the longer answer "xyz" + EOS takes 4, so both sequences keep the prompt's last 3 bytes."""
+    rows = [{"prompt": "abcde", "chosen": "xyz", "rejected": "w"},
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "p", "chosen": "far too long", "rejected": "w"}]
+    examples, filtered = tokenize_preference(rows, ByteTokenizer(), max_len=7)
+    assert examples == [{"chosen_ids": list(b"cdexyz") + [256], "chosen_mask": [0, 0, 0, 1, 1, 1, 1],
+                         "rejected_ids": list(b"cdew") + [256], "rejected_mask": [0, 0, 0, 1, 1]}]
+    assert filtered.dropped == {"chosen_equals_rejected": 1, "too_long": 1} and filtered.truncated == 1
+
+
+def test_binary_labels_follow_their_rows_and_unpair():
+    rows = unpair([{"prompt": "p", "chosen": "good", "rejected": "a very long bad answer"},
+                   {"prompt": "q", "chosen": "ok", "rejected": "no"}])
+    assert [(r["completion"], r["label"]) for r in rows] == [
+        ("good", True), ("a very long bad answer", False), ("ok", True), ("no", False)]
+    examples, filtered = tokenize_binary(rows, ByteTokenizer(), max_len=8)  # the long one is dropped
+    assert [(bytes(e["input_ids"][1:-1]).decode(), e["label"]) for e in examples] == [
+        ("good", True), ("ok", True), ("no", False)]
+    assert filtered.dropped == {"too_long": 1}
+
+
+def test_prompts_cut_from_the_left_to_max_prompt_len():
+    examples, filtered = tokenize_prompts([{"prompt": "abcdef"}, {"prompt": "ab"}], ByteTokenizer(bos_id=300), 4)
+    assert examples == [{"prompt_ids": [300, 100, 101, 102]}, {"prompt_ids": [300, 97, 98]}]
+    assert filtered.truncated == 1
+
+
+def test_report_is_one_line_with_counts(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3 + [{"prompt": "p", "chosen": "a", "rejected": "a"}]
+    rows += [{"prompt": "p", "chosen": "x" * 50, "rejected": "b"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    lines = []
+    examples = load_examples(path, "preference", ByteTokenizer(), max_len=16, log=lines.append)
+    assert len(examples) == 3
+    assert lines == [f"data {path}: kept 3 of 5 (dropped: chosen_equals_rejected 1, too_long 1)"]
+    lines.clear()
+    report(Filtered(), "x.jsonl", 7, log=lines.append)
+    assert lines == ["data x.jsonl: kept 7 of 7"]
+
+
+# ---------------------------------------------------------------------------------------------- collate
+def test_collate_sft_right_pads_with_masks_and_labels():
+    examples = [{"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1], "label": True},
+                {"input_ids": [4], "loss_mask": [1], "label": False}]
+    batch = collate(examples, pad_id=9)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]] and batch["input_ids"].dtype == torch.long
+    assert batch["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0]] and batch["loss_mask"].dtype == torch.float32
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["label"].tolist() == [True, False] and batch["label"].dtype == torch.bool
+
+
+def test_collate_preference_stacks_chosen_then_rejected():
+    examples = [{"chosen_ids": [1, 2], "chosen_mask": [0, 1], "rejected_ids": [1, 3, 3], "rejected_mask": [0, 1, 1],
+                 "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.0},
+                {"chosen_ids": [5], "chosen_mask": [1], "rejected_ids": [6], "rejected_mask": [1],
+                 "ref_chosen_logps": -0.5, "ref_rejected_logps": -3.0}]
+    batch = collate(examples, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 0], [5, 0, 0], [1, 3, 3], [6, 0, 0]]  # (2B, T)
+    assert batch["loss_mask"].tolist() == [[0, 1, 0], [1, 0, 0], [0, 1, 1], [1, 0, 0]]
+    assert batch["ref_chosen_logps"].tolist() == [-1.5, -0.5] and batch["ref_rejected_logps"].dtype == torch.float32
+
+
+def test_collate_prompts_stay_ragged():
+    assert collate([{"prompt_ids": [1, 2]}, {"prompt_ids": [3]}], pad_id=0) == {"prompt_ids": [[1, 2], [3]]}
+
+
+# ---------------------------------------------------------------------------------------------- batch order
+def ids_collate(examples):
+    return {"ids": list(examples)}
+
+
+def step_examples(n, micro, accum, world, seed, steps, start_step=0):
+    """For each optimizer step, the sorted union of examples over all ranks and micro-steps."""
+    streams = [micro_batches(list(range(n)), micro, accum, rank, world, seed, start_step, ids_collate)
+               for rank in range(world)]
+    per_step = []
+    for _ in range(steps):
+        per_step.append(sorted(i for stream in streams for batch in itertools.islice(stream, accum) for i in batch["ids"]))
+    return per_step
+
+
+def test_same_examples_per_step_for_any_world_and_accum_split():
+    """10 examples, global batch 4: 2 steps per epoch, the last 2 examples of each epoch dropped."""
+    one_process = step_examples(10, micro=2, accum=2, world=1, seed=3, steps=6)
+    two_processes = step_examples(10, micro=2, accum=1, world=2, seed=3, steps=6)
+    assert one_process == two_processes
+    assert step_examples(10, micro=4, accum=1, world=1, seed=3, steps=6) == one_process
+    for epoch in range(3):  # within an epoch no example repeats, and epochs are reshuffled
+        first, second = one_process[2 * epoch], one_process[2 * epoch + 1]
+        assert len(set(first) | set(second)) == 8
+    assert one_process[0:2] != one_process[2:4]
+
+
+def test_ranks_get_disjoint_chunks_in_rank_major_order():
+    everything = next(micro_batches(list(range(8)), 8, 1, 0, 1, 0, 0, ids_collate))["ids"]  # the global batch itself
+    rank1 = micro_batches(list(range(8)), 2, 2, 1, 2, 0, 0, ids_collate)  # rank 1 of 2, accum 2
+    assert [next(rank1)["ids"], next(rank1)["ids"]] == [everything[4:6], everything[6:8]]  # chunks 2 and 3
+
+
+def test_start_step_equals_consuming_the_first_steps():
+    fresh = micro_batches(list(range(12)), 2, 2, 1, 2, 7, 0, ids_collate)
+    for _ in range(5 * 2):  # 5 optimizer steps of 2 micro-steps on this rank (crosses an epoch boundary)
+        next(fresh)
+    resumed = micro_batches(list(range(12)), 2, 2, 1, 2, 7, 5, ids_collate)
+    assert [next(resumed)["ids"] for _ in range(6)] == [next(fresh)["ids"] for _ in range(6)]
+
+
+def test_skipped_steps_are_not_collated():
+    calls = []
+    stream = micro_batches(list(range(8)), 2, 1, 0, 1, 0, 100, lambda ex: calls.append(ex) or ex)
+    next(stream)
+    assert len(calls) == 1
+
+
+def test_too_few_examples_for_one_global_batch():
+    with pytest.raises(DataError, match="3 examples, fewer than one global batch of 4"):
+        next(micro_batches([0, 1, 2], 2, 1, 0, 2, 0, 0, partial(collate, pad_id=0)))
