@@ -15,7 +15,7 @@ from nanoalign.tokenizer import get_tokenizer
 
 
 def checkpoint_path(spec):
-    path = Path(spec.removeprefix("ckpt:"))
+    path = Path(str(spec).removeprefix("ckpt:"))
     return path / "ckpt.pt" if path.is_dir() else path
 
 

@@ -1,0 +1,281 @@
+"""THE training loop, shared by every algorithm (SFT, reward model, DPO family, KTO, ORPO, PPO, RLOO, GRPO, ...).
+
+An algorithm is a subclass of `Algorithm` in nanoalign/algos/<name>.py. It owns the module being optimised, a
+generator of micro-batches (offline: drawn from a dataset; online: a rollout phase, then minibatch epochs) and a
+loss on one micro-batch. The loop below does everything else, once: AdamW, warmup + cosine LR, gradient
+accumulation from a total batch size, clipping, bf16 autocast, DDP under torchrun, eval, logging, atomic
+checkpoints and exact resume.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from nanoalign.checkpoint import checkpoint_path, load_checkpoint, load_model, save_checkpoint
+from nanoalign.config import config_to_dict
+from nanoalign.model import GPT, GPTConfig, llama_config
+from nanoalign.tokenizer import get_tokenizer
+
+
+@dataclass
+class Context:
+    """What an algorithm needs to know about the run it is part of."""
+    device: torch.device
+    rank: int
+    world_size: int
+    micro_batch_size: int
+    grad_accum: int
+    autocast: object  # a zero-argument callable returning the autocast context manager
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+class Algorithm:
+    """The plug-in protocol. Subclasses set `name`, `Config` (a dataclass of their own hyperparameters, merged
+    into the one flat run config), `data_format` ("sft" | "text" | "preference" | "binary" | "prompt") and
+    `key_metrics` (shown on the progress bar), and implement `batches` and `loss`."""
+    name = ""
+    Config = None
+    data_format = "sft"
+    key_metrics = ()
+    checkpoint_kind = "policy"
+
+    def __init__(self, cfg, policy, tokenizer, ctx):
+        self.cfg, self.policy, self.tokenizer, self.ctx = cfg, policy, tokenizer, ctx
+        self.module = policy  # what the optimiser updates and the checkpoint stores
+
+    def batches(self, start_step):
+        """Yield this rank's micro-batches (dicts of tensors), forever; skip the first `start_step` optimizer steps."""
+        raise NotImplementedError
+
+    def loss(self, model, batch):
+        """(scalar loss, metrics dict) for one micro-batch. `model` is self.module wrapped by DDP / torch.compile."""
+        raise NotImplementedError
+
+    def evaluate(self, model):
+        return {}
+
+    def checkpoint_extra(self):
+        """Extra entries for the checkpoint (e.g. a reward model's normalisation statistics)."""
+        return {}
+
+    def finish(self, model):
+        """Called once on every rank after the last step, before the final checkpoint."""
+
+
+def setup_distributed(cfg):
+    """DDP is on when torchrun set RANK; gloo on CPU, nccl on CUDA. Safe to call more than once."""
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(cfg.device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cpu_has_bf16():
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(cfg, device):
+    """"auto" is bf16 where the hardware computes in it natively (CUDA with bf16, CPUs with avx512_bf16/AMX)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
+
+
+def build_policy(cfg, device):
+    """The starting language model: a fresh one, a nanoalign checkpoint, or Hugging Face weights."""
+    if cfg.init_from == "scratch":
+        tokenizer = get_tokenizer(cfg.tokenizer)
+        make = llama_config if cfg.arch == "llama" else GPTConfig
+        shape = dict(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+        return GPT(make(**shape)).to(device), tokenizer
+    if not cfg.init_from:
+        raise ValueError("init_from is empty: give scratch, ckpt:<dir> or hf:<dir> (train.py fills in the toy world's)")
+    model, tokenizer = load_model(cfg.init_from, device)
+    model.cfg.dropout = cfg.dropout
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = cfg.dropout
+    return model, tokenizer
+
+
+def make_optimizer(module, cfg, device):
+    """AdamW; weight decay only on matrices of linear layers (not norms, biases or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
+
+
+def lr_at(step, cfg):
+    """Linear warmup for warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def reduce_metrics(sums, count, world_size, device):
+    """Average the accumulated metrics over micro-steps and ranks (every rank calls this at the same step)."""
+    keys = sorted(sums)
+    values = torch.tensor([float(sums[k]) / count for k in keys], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(values)
+        values /= world_size
+    return dict(zip(keys, values.tolist()))
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg, algorithm_cls, stop_after=None):
+    """Run `algorithm_cls` with config `cfg` to cfg.max_steps; returns the out dir (ckpt.pt, metrics.jsonl).
+    `stop_after` ends the run early as if it had been interrupted there (the resume test uses it)."""
+    rank, world_size, device = setup_distributed(cfg)
+    out_dir = Path(cfg.out_dir)
+    per_step = cfg.micro_batch_size * world_size
+    assert cfg.batch_size % per_step == 0, (
+        f"batch_size={cfg.batch_size} must be divisible by micro_batch_size * world_size = {per_step}")
+    grad_accum = cfg.batch_size // per_step
+    dtype = resolve_dtype(cfg, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    policy, tokenizer = build_policy(cfg, device)
+    ctx = Context(device, rank, world_size, cfg.micro_batch_size, grad_accum, autocast)
+    algo = algorithm_cls(cfg, policy, tokenizer, ctx)
+    module = algo.module.to(device)
+    optimizer = make_optimizer(module, cfg, device)
+
+    start_step = 0
+    resume_from = out_dir / "ckpt.pt"
+    if cfg.resume and resume_from.exists():
+        ckpt = load_checkpoint(resume_from, device)
+        module.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        set_rng_state(ckpt["rng"])
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {start_step}")
+    else:
+        torch.manual_seed(cfg.seed + rank)  # dropout and sampling differ across ranks
+
+    model = torch.compile(module) if cfg.compile else module  # compile before the DDP wrap (nanoGPT)
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        print(f"{algo.name}: {n_train:,} trainable parameters of {sum(p.numel() for p in module.parameters()):,}; "
+              f"{world_size} rank(s), grad_accum={grad_accum}, dtype={dtype}, device={device}")
+    log_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+
+    def save(step):
+        if rank == 0:
+            save_checkpoint(out_dir / "ckpt.pt", model=module.state_dict(), optimizer=optimizer.state_dict(),
+                            step=step, rng=rng_state(), config=config_to_dict(cfg), algo=algo.name,
+                            model_config=asdict(algo.policy.cfg), tokenizer=tokenizer.spec, kind=algo.checkpoint_kind,
+                            **algo.checkpoint_extra())
+        if world_size > 1:
+            dist.barrier()
+
+    batches = algo.batches(start_step)
+    sums, n_micro, times = {}, 0, {"data": 0.0, "update": 0.0}
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, disable=rank != 0,
+               dynamic_ncols=True, desc=algo.name)
+    module.train()
+    for step in bar:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(grad_accum):
+            t0 = time.perf_counter()
+            batch = to_device(next(batches), device)  # online algorithms roll out here
+            t1 = time.perf_counter()
+            if world_size > 1:  # all-reduce gradients only on the last micro-step (set before its forward)
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            with autocast():
+                loss, metrics = algo.loss(model, batch)
+            (loss / grad_accum).backward()
+            times["data"] += t1 - t0
+            times["update"] += time.perf_counter() - t1
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+            n_micro += 1
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.grad_clip)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_accum * float(norm)  # averaged per micro-step below
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times["update"] += time.perf_counter() - t2
+
+        last = step + 1 == cfg.max_steps
+        if (step + 1) % cfg.log_interval == 0 or last:
+            record = {"step": step + 1, "lr": lr, **reduce_metrics(sums, n_micro, world_size, device)}
+            record.update({f"time/{k}_s": v / n_micro * grad_accum for k, v in times.items()})  # per optimizer step
+            if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
+                module.eval()
+                with torch.no_grad(), autocast():
+                    record.update(algo.evaluate(model))
+                module.train()
+            if rank == 0:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                shown = ["loss", *algo.key_metrics]
+                bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3g}" for k in shown if k in record})
+            sums, n_micro, times = {}, 0, {"data": 0.0, "update": 0.0}
+        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and not last:
+            save(step + 1)
+        if stop_after is not None and step + 1 == stop_after:
+            save(step + 1)
+            bar.close()
+            return out_dir
+    bar.close()
+    module.eval()
+    algo.finish(model)
+    save(cfg.max_steps)
+    if log_file:
+        log_file.close()
+    return out_dir
