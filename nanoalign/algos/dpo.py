@@ -8,7 +8,7 @@ becomes a loss on the policy (Eq. 7):
 
     L_DPO = -log sigmoid(beta * h),   h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l).
 
-Every variant below changes only the function of h (or what h is made of). Notation:
+Each variant below changes the function of h, what h is made of, or adds a term next to it. Notation:
 c, r = summed log pi(y_w|x), log pi(y_l|x) (`chosen_logps`, `rejected_logps`); c0, r0 = the same
 under pi_ref; n_w, n_l = completion lengths (`chosen_counts`, `rejected_counts`); s = sigmoid;
 eps = `label_smoothing`.
@@ -28,7 +28,8 @@ eps = `label_smoothing`.
   "dpop"     DPO-Positive (Pal et al. 2024, "Smaug", arXiv:2402.13228, Eq. 3):
              L = -log s(beta (h - lambda max(0, c0 - c))), penalising a fall of log pi(y_w) below pi_ref.
   "simpo"    SimPO (Meng et al. 2024, arXiv:2405.14734, Eq. 6), reference-free:
-             L = -log s(beta (c/n_w - r/n_l) - gamma); the paper uses beta ~ 2-2.5, gamma ~ 0.5-1.5.
+             L = -log s(beta (c/n_w - r/n_l) - gamma); its beta is ~2-10, far above DPO's ~0.1
+             (averaged log-ratios are small); gamma defaults to TRL's 0.5.
   "cpo"      CPO (Xu et al. 2024, "Contrastive Preference Optimization", arXiv:2401.08417), the
              preference term L_prefer, reference-free: L = -log s(beta (c - r)).
 
@@ -55,7 +56,9 @@ This implementation differs from the papers in:
     simpo), as in TRL's CPOTrainer. They never carry gradient.
   - the NLL terms of CPO (L_NLL on y_w) and of RPO (Pang et al. 2024, "Iterative Reasoning
     Preference Optimization", arXiv:2404.19733: DPO + alpha * NLL of y_w / |y_w|) are added by the
-    DPO adapter below, not here: this function covers only the preference part.
+    Algorithm adapter (phase 2, bottom of this file), not here: this function covers only the
+    preference part.
+  - IPO's regularisation strength tau is our beta (the target margin is 1/(2 tau)).
   - SLiC-HF's own hinge is max(0, delta - c + r) on raw log-probs plus a cross-entropy
     regulariser; "hinge" uses the reference-normalised h and no regulariser (RSO / TRL form).
   - label smoothing is only defined for "sigmoid" (cDPO) and "robust"; other types reject it.
