@@ -8,6 +8,19 @@ import importlib
 ALGORITHMS = {
     # name: ("module:Class", defaults of this variant)
     "sft": ("sft:SFT", {}),
+    "dpo": ("dpo:DPO", {}),
+    "ipo": ("dpo:DPO", {"loss_type": "ipo"}),
+    "cdpo": ("dpo:DPO", {"label_smoothing": 0.1}),
+    "robust": ("dpo:DPO", {"loss_type": "robust", "label_smoothing": 0.1}),
+    "hinge": ("dpo:DPO", {"loss_type": "hinge"}),
+    "rdpo": ("dpo:DPO", {"loss_type": "rdpo", "rdpo_alpha": 0.01}),
+    "dpop": ("dpo:DPO", {"loss_type": "dpop"}),
+    "simpo": ("dpo:DPO", {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.5}),
+    "cpo": ("dpo:DPO", {"loss_type": "cpo", "rpo_alpha": 1.0}),
+    "rpo": ("dpo:DPO", {"rpo_alpha": 1.0}),
+    "kto": ("kto:KTO", {}),
+    "orpo": ("orpo:ORPO", {}),
+    "coh": ("coh:CoH", {}),
 }
 
 

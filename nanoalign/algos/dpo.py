@@ -63,8 +63,18 @@ This implementation differs from the papers in:
     regulariser; "hinge" uses the reference-normalised h and no regulariser (RSO / TRL form).
   - label smoothing is only defined for "sigmoid" (cDPO) and "robust"; other types reject it.
 """
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from nanoalign.algos.sft import sft_loss
+from nanoalign.data import collate, load_examples, micro_batches
+from nanoalign.logps import batch_logps
+from nanoalign.trainer import Algorithm, to_device
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "rdpo", "dpop", "simpo", "cpo")
 REFERENCE_FREE = ("simpo", "cpo")  # h is built from log pi alone, no pi_ref
@@ -119,3 +129,147 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
 
 
 # --- Algorithm adapter (phase 2): batch -> policy and reference log-probs -> preference_loss ---
+#
+# The adapter turns a micro-batch into the tensors above. Reference log-probs (pi_ref = the policy's initial
+# weights) are computed ONCE for the whole dataset before the first step (ref_logps="precompute", the default):
+# no grad, eval mode, the run's autocast, micro-batches; under DDP each rank computes a strided shard and the
+# shards are all-gathered, so every rank holds every value. They are stored on the examples as ref_chosen_logps /
+# ref_rejected_logps (collate stacks them) and no copy of the model is kept. ref_logps="live" keeps a frozen copy
+# instead and runs it on every micro-batch. "simpo" and "cpo" need no reference at all.
+# Departures from TRL's DPOTrainer: the NLL term (rpo_alpha) is the token mean over the micro-batch's chosen
+# answers, as our SFT loss; logps/* report SUMMED log-probs for every loss type.
+
+
+class Reference:
+    """pi_ref = the policy's initial weights. live=True keeps a frozen deep copy for the whole run; otherwise the
+    policy itself answers, which is only right before its first optimizer step (the precompute pass). This is the
+    one place that decides what pi_ref is (with LoRA: the same weights with the adapters disabled)."""
+
+    def __init__(self, policy, live):
+        self.policy = policy
+        self.frozen = copy.deepcopy(policy).requires_grad_(False).eval() if live else None
+
+    @torch.no_grad()
+    def logps(self, input_ids, loss_mask):
+        """Summed completion log-probs (B,) under pi_ref, without dropout."""
+        model = self.frozen if self.frozen is not None else self.policy
+        was_training = model.training
+        model.eval()
+        logps, _, _ = batch_logps(model, input_ids, loss_mask)
+        model.train(was_training)
+        return logps
+
+
+@torch.no_grad()
+def precompute(examples, names, compute, collate_fn, ctx):
+    """Store e[name] = float for every example, from compute(batch) -> {name: (b,) tensor}, run once.
+    Under DDP rank r computes examples r, r + W, r + 2W, ... and all_gather shares the shards (cost / W)."""
+    mine = list(range(ctx.rank, len(examples), ctx.world_size))
+    per_rank = -(-len(examples) // ctx.world_size)  # ceil(N / W): shards padded to one shape for all_gather
+    values = torch.zeros(per_rank, len(names), device=ctx.device)  # (per_rank, K)
+    for i in range(0, len(mine), ctx.micro_batch_size):
+        batch = to_device(collate_fn([examples[j] for j in mine[i:i + ctx.micro_batch_size]]), ctx.device)
+        with ctx.autocast():
+            out = compute(batch)
+        values[i:i + len(out[names[0]])] = torch.stack([out[n].float() for n in names], 1)
+    shards = [values]
+    if ctx.world_size > 1:
+        shards = [torch.empty_like(values) for _ in range(ctx.world_size)]
+        dist.all_gather(shards, values)
+    for rank, shard in enumerate(shards):
+        for k, row in enumerate(shard.tolist()):
+            if rank + k * ctx.world_size < len(examples):  # skip the padding rows
+                examples[rank + k * ctx.world_size].update(zip(names, row))
+
+
+def mean_metrics(metrics_fn, examples, collate_fn, ctx, max_batches):
+    """Average of metrics_fn(batch) over the first max_batches micro-batches of `examples` (evaluation)."""
+    sums, n = {}, 0
+    for i in range(0, min(len(examples), ctx.micro_batch_size * max_batches), ctx.micro_batch_size):
+        for k, v in metrics_fn(to_device(collate_fn(examples[i:i + ctx.micro_batch_size]), ctx.device)).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    return {f"eval/{k}": v / n for k, v in sums.items()}
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # inverse KL strength (DPO beta; IPO tau; SimPO beta)
+    loss_type: Literal[LOSS_TYPES] = "sigmoid"  # see the module docstring
+    label_smoothing: float = 0.0  # cDPO / robust DPO: assumed label-flip rate eps
+    rdpo_alpha: float = 0.0  # R-DPO length weight alpha
+    dpop_lambda: float = 50.0  # DPO-Positive penalty lambda
+    simpo_gamma: float = 0.5  # SimPO target margin gamma
+    rpo_alpha: float = 0.0  # weight of the NLL of the chosen answer (RPO; CPO's L_NLL with 1.0)
+    ref_logps: Literal["precompute", "live"] = "precompute"  # reference log-probs once before training, or a live model
+
+
+class DPO(Algorithm):
+    name = "dpo"
+    Config = DPOConfig
+    data_format = "preference"
+    key_metrics = ("rewards/accuracies", "rewards/margins")
+
+    def __init__(self, cfg, policy, tokenizer, ctx):
+        super().__init__(cfg, policy, tokenizer, ctx)
+        self.name = cfg.algo  # the variant's registry name (ipo, simpo, ...) on the progress bar and in checkpoints
+        self.loss_kwargs = dict(loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                                rdpo_alpha=cfg.rdpo_alpha, dpop_lambda=cfg.dpop_lambda, simpo_gamma=cfg.simpo_gamma)
+        one = torch.ones(1)
+        preference_loss(one, one, one, one, chosen_counts=one, rejected_counts=one, **self.loss_kwargs)  # bad keys fail now
+        log = print if ctx.master else (lambda *a, **k: None)
+        max_len = min(cfg.max_len, policy.cfg.block_size)  # longer sequences do not fit the model
+        self.examples = load_examples(cfg.data, "preference", tokenizer, max_len, log=log)
+        self.eval_examples = load_examples(cfg.eval_data, "preference", tokenizer, max_len, log=log) if cfg.eval_data else []
+        self.reference = None
+        if cfg.loss_type not in REFERENCE_FREE:
+            self.reference = Reference(policy, live=cfg.ref_logps == "live")
+            if cfg.ref_logps == "precompute":
+                for examples in (self.examples, self.eval_examples):
+                    precompute(examples, ("ref_chosen_logps", "ref_rejected_logps"), self.reference_logps,
+                               self.collate, ctx)
+                self.reference = None  # the initial weights are not needed any more
+                log(f"dpo: reference log-probs precomputed for {len(self.examples) + len(self.eval_examples)} pairs")
+
+    def collate(self, examples):
+        return collate(examples, self.tokenizer.pad_id)
+
+    def batches(self, start_step):
+        c = self.ctx
+        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
+                             start_step, self.collate)
+
+    def reference_logps(self, batch):
+        """{"ref_chosen_logps": (B,), "ref_rejected_logps": (B,)} of a preference batch under pi_ref."""
+        logps = self.reference.logps(batch["input_ids"], batch["loss_mask"])  # (2B,): chosen rows, then rejected
+        B = logps.shape[0] // 2
+        return {"ref_chosen_logps": logps[:B], "ref_rejected_logps": logps[B:]}
+
+    def loss(self, model, batch):
+        logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])  # one forward, (2B,)
+        B = logps.shape[0] // 2
+        chosen, rejected = logps[:B], logps[B:]
+        ref = {}
+        if self.cfg.loss_type not in REFERENCE_FREE:
+            ref = batch if "ref_chosen_logps" in batch else self.reference_logps(batch)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            chosen, rejected, ref.get("ref_chosen_logps"), ref.get("ref_rejected_logps"),
+            chosen_counts=counts[:B], rejected_counts=counts[B:], **self.loss_kwargs)
+        loss = losses.mean()
+        metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                   "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                   "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                   "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
+        if self.cfg.rpo_alpha:
+            nll = sft_loss(chosen, counts[:B])  # token-mean NLL of the chosen answers
+            loss = loss + self.cfg.rpo_alpha * nll
+            metrics["nll_loss"] = nll.detach()
+        return loss, metrics
+
+    def evaluate(self, model):
+        if not self.eval_examples:
+            return {}
+        def metrics(batch):
+            loss, values = self.loss(model, batch)
+            return {"loss": loss, **values}
+        return mean_metrics(metrics, self.eval_examples, self.collate, self.ctx, self.cfg.eval_batches)

@@ -27,8 +27,26 @@ This implementation differs from the paper in:
     the estimate is noisier. Like the paper and TRL it is clamped at 0 and detached.
   - the data must hold both labels: `check_labels` raises a clear error instead of training on
     one-sided feedback (and instead of the NaN that a mean over an empty side gives).
+
+The Algorithm adapter (bottom of this file) trains on binary JSONL {"prompt","completion","label"} or on
+preference JSONL, which it unpairs (chosen -> desirable, rejected -> undesirable; detected from the columns).
+Each example gets one mismatched pair, fixed for the run as TRL fixes its "KL dataset": its own prompt with the
+completion of the next example in a seeded random cycle over the dataset (TRL uses the next example in file
+order, which in data with several completions per prompt, like the toy world's, often has the same prompt and so
+is no mismatch). z0 is the mean over the micro-batch's pairs; the policy's log-probs on them need no gradient.
+Reference log-probs are precomputed once or kept live, exactly as in algos/dpo.py (`Reference`, `precompute`).
+A micro-batch may hold one label only: its loss is still defined, and the missing side's metrics are logged as 0.
 """
+import json
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+
+from nanoalign.algos.dpo import Reference, mean_metrics, precompute
+from nanoalign.data import collate, micro_batches, read_jsonl, report, tokenize_binary, unpair
+from nanoalign.logps import batch_logps
+from nanoalign.trainer import Algorithm
 
 
 def kto_loss(chosen_logps, rejected_logps, kl_logps, ref_chosen_logps, ref_rejected_logps, ref_kl_logps, *,
@@ -65,3 +83,119 @@ def check_labels(labels, where="dataset"):
 
 
 # --- Algorithm adapter (phase 2): batch -> log-probs (incl. mismatched KL pairs) -> kto_loss ---
+
+
+def is_preference_file(path):
+    """True if the first row has chosen/rejected and no completion column (then it is unpaired for KTO)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(next(line for line in f if line.strip()))
+    except (OSError, StopIteration, ValueError):
+        return False  # read_jsonl reports what is wrong, with path:line
+    return isinstance(first, dict) and {"chosen", "rejected"} <= first.keys() and "completion" not in first
+
+
+def load_binary(path, tokenizer, max_len, log=print):
+    """Binary examples {"input_ids","loss_mask","label"}; preference files are unpaired first."""
+    if is_preference_file(path):
+        rows = unpair(read_jsonl(path, "preference"))
+        log(f"kto: {path} holds preference pairs; unpaired into {len(rows)} rows (chosen -> desirable, "
+            f"rejected -> undesirable)")
+    else:
+        rows = read_jsonl(path, "binary")
+    examples, filtered = tokenize_binary(rows, tokenizer, max_len)
+    report(filtered, path, len(examples), log)
+    return examples
+
+
+def add_mismatched_pairs(examples, seed, max_len, n_bos):
+    """Give each example kl_ids/kl_mask: its own prompt + the completion of the next example in a seeded random
+    cycle. The prompt is cut from the left (after the BOS) if the pair would exceed max_len."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    for a, b in zip(order, order[1:] + order[:1]):
+        prompt = examples[a]["input_ids"][:examples[a]["loss_mask"].index(1)]  # BOS + prompt tokens
+        start = examples[b]["loss_mask"].index(1)
+        completion = examples[b]["input_ids"][start:]  # completion + EOS
+        body, keep = prompt[n_bos:], max_len - len(completion) - n_bos  # keep >= 0: completion fit with its own BOS
+        prompt = prompt[:n_bos] + body[max(len(body) - keep, 0):]
+        examples[a]["kl_ids"] = prompt + completion
+        examples[a]["kl_mask"] = [0] * len(prompt) + [1] * len(completion)
+
+
+def side_mean(values):
+    """Mean of a (possibly empty) tensor; 0 for an empty side, so every micro-batch logs the same keys."""
+    return values.mean() if values.numel() else values.new_zeros(())
+
+
+@dataclass
+class KTOConfig:
+    beta: float = 0.1  # sharpness of the value function (the KL strength)
+    desirable_weight: float = 1.0  # lambda_D
+    undesirable_weight: float = 1.0  # lambda_U
+    ref_logps: Literal["precompute", "live"] = "precompute"  # reference log-probs once before training, or a live model
+
+
+class KTO(Algorithm):
+    name = "kto"
+    Config = KTOConfig
+    data_format = "binary"
+    key_metrics = ("rewards/chosen", "rewards/rejected", "kl")
+
+    def __init__(self, cfg, policy, tokenizer, ctx):
+        super().__init__(cfg, policy, tokenizer, ctx)
+        log = print if ctx.master else (lambda *a, **k: None)
+        max_len = min(cfg.max_len, policy.cfg.block_size)  # longer sequences do not fit the model
+        n_bos = int(tokenizer.bos_id is not None)
+        self.examples = load_binary(cfg.data, tokenizer, max_len, log)
+        n_desirable, n_undesirable = check_labels([e["label"] for e in self.examples], where=f"dataset {cfg.data}")
+        ratio = cfg.desirable_weight * n_desirable / (cfg.undesirable_weight * n_undesirable)
+        log(f"kto: {n_desirable} desirable, {n_undesirable} undesirable; lambda_D n_D / (lambda_U n_U) = {ratio:.2f}"
+            + ("" if 1 <= ratio <= 4 / 3 else " (the paper advises 1 to 4/3: adjust desirable/undesirable_weight)"))
+        self.eval_examples = load_binary(cfg.eval_data, tokenizer, max_len, log) if cfg.eval_data else []
+        for examples in (self.examples, self.eval_examples):
+            if examples:
+                add_mismatched_pairs(examples, cfg.seed, max_len, n_bos)
+        self.reference = Reference(policy, live=cfg.ref_logps == "live")
+        if cfg.ref_logps == "precompute":
+            for examples in (self.examples, self.eval_examples):
+                precompute(examples, ("ref_logps", "ref_kl_logps"), self.reference_logps, self.collate, ctx)
+            self.reference = None  # the initial weights are not needed any more
+
+    def collate(self, examples):
+        pad = self.tokenizer.pad_id
+        batch = collate([{k: v for k, v in e.items() if k not in ("kl_ids", "kl_mask")} for e in examples], pad)
+        kl = collate([{"input_ids": e["kl_ids"], "loss_mask": e["kl_mask"]} for e in examples], pad)
+        batch["kl_input_ids"], batch["kl_loss_mask"] = kl["input_ids"], kl["loss_mask"]
+        return batch
+
+    def batches(self, start_step):
+        c = self.ctx
+        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
+                             start_step, self.collate)
+
+    def reference_logps(self, batch):
+        """{"ref_logps": (B,), "ref_kl_logps": (B,)}: pi_ref on the examples and on their mismatched pairs."""
+        return {"ref_logps": self.reference.logps(batch["input_ids"], batch["loss_mask"]),
+                "ref_kl_logps": self.reference.logps(batch["kl_input_ids"], batch["kl_loss_mask"])}
+
+    def loss(self, model, batch):
+        logps, _, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])  # (B,)
+        with torch.no_grad():  # z0 is detached: no graph for the mismatched pairs
+            kl_logps, _, _ = batch_logps(model, batch["kl_input_ids"], batch["kl_loss_mask"])  # (B,)
+        ref = batch if "ref_logps" in batch else self.reference_logps(batch)
+        good = batch["label"]  # (B,) bool, True = desirable
+        losses, chosen_rewards, rejected_rewards, kl = kto_loss(
+            logps[good], logps[~good], kl_logps, ref["ref_logps"][good], ref["ref_logps"][~good], ref["ref_kl_logps"],
+            beta=self.cfg.beta, desirable_weight=self.cfg.desirable_weight,
+            undesirable_weight=self.cfg.undesirable_weight)
+        return losses.mean(), {
+            "rewards/chosen": side_mean(chosen_rewards), "rewards/rejected": side_mean(rejected_rewards), "kl": kl,
+            "logps/chosen": side_mean(logps[good].detach()), "logps/rejected": side_mean(logps[~good].detach())}
+
+    def evaluate(self, model):
+        if not self.eval_examples:
+            return {}
+        def metrics(batch):
+            loss, values = self.loss(model, batch)
+            return {"loss": loss, **values}
+        return mean_metrics(metrics, self.eval_examples, self.collate, self.ctx, self.cfg.eval_batches)

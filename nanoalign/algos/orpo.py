@@ -26,9 +26,24 @@ This implementation differs from the paper in:
     over tokens (the paper's and TRL's L_SFT is the token-mean cross-entropy of y_w).
   - the clamp at MAX_AVG_LOGP: for avg_logp in (MAX_AVG_LOGP, 0] the odds-ratio term carries no
     gradient for that response (the NLL term still does).
+
+The Algorithm adapter (bottom of this file) runs chosen and rejected rows through ONE forward, takes L_SFT as the
+token-mean NLL of the micro-batch's chosen answers (our sft_loss; TRL's too) and passes it to every row, so the
+loss is L_SFT + lam * mean(L_OR). No reference model; on the toy world it starts from the base model
+(toy_init = "base"), as the paper applies ORPO to pretrained models without an SFT stage. Metrics follow TRL's
+ORPOTrainer: rewards/* = lam * average log-probs (which logps/* report too), and, with TRL's names,
+log_odds_ratio = mean log sigmoid(Delta) (= -L_OR) and log_odds_chosen = mean Delta.
 """
-import torch.nn.functional as F
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+from nanoalign.algos.dpo import mean_metrics
+from nanoalign.algos.sft import sft_loss
+from nanoalign.data import collate, load_examples, micro_batches
+from nanoalign.logps import batch_logps
+from nanoalign.trainer import Algorithm
 
 MAX_AVG_LOGP = -1e-12  # largest average log-prob used in the log odds; log odds(MAX) = log(1e12) ~ 27.6
 
@@ -52,3 +67,54 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, lam):
 
 
 # --- Algorithm adapter (phase 2): batch -> average log-probs and NLL of y_w -> orpo_loss ---
+
+
+@dataclass
+class ORPOConfig:
+    orpo_lambda: float = 0.1  # weight lam of the odds-ratio term (the paper's lambda; TRL's beta)
+
+
+class ORPO(Algorithm):
+    name = "orpo"
+    Config = ORPOConfig
+    data_format = "preference"
+    toy_init = "base"  # the toy world starts ORPO from the base model: no SFT stage
+    key_metrics = ("rewards/accuracies", "nll_loss")
+
+    def __init__(self, cfg, policy, tokenizer, ctx):
+        super().__init__(cfg, policy, tokenizer, ctx)
+        log = print if ctx.master else (lambda *a, **k: None)
+        max_len = min(cfg.max_len, policy.cfg.block_size)  # longer sequences do not fit the model
+        self.examples = load_examples(cfg.data, "preference", tokenizer, max_len, log=log)
+        self.eval_examples = load_examples(cfg.eval_data, "preference", tokenizer, max_len, log=log) if cfg.eval_data else []
+
+    def collate(self, examples):
+        return collate(examples, self.tokenizer.pad_id)
+
+    def batches(self, start_step):
+        c = self.ctx
+        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
+                             start_step, self.collate)
+
+    def loss(self, model, batch):
+        logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])  # one forward, (2B,)
+        B = logps.shape[0] // 2
+        avg = logps / counts.clamp(min=1)  # per-token average log-probs, (2B,)
+        nll = sft_loss(logps[:B], counts[:B])  # token-mean NLL of the chosen answers (L_SFT)
+        losses, or_term, log_odds_ratio = orpo_loss(avg[:B], avg[B:], nll.expand(B), lam=self.cfg.orpo_lambda)
+        chosen_rewards, rejected_rewards = self.cfg.orpo_lambda * avg[:B].detach(), self.cfg.orpo_lambda * avg[B:].detach()
+        return losses.mean(), {
+            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": avg[:B].detach().mean(), "logps/rejected": avg[B:].detach().mean(),
+            "nll_loss": nll.detach(), "log_odds_ratio": -or_term.detach().mean(),  # TRL's names: mean log s(Delta)
+            "log_odds_chosen": log_odds_ratio.detach().mean()}  # and mean Delta
+
+    def evaluate(self, model):
+        if not self.eval_examples:
+            return {}
+        def metrics(batch):
+            loss, values = self.loss(model, batch)
+            return {"loss": loss, **values}
+        return mean_metrics(metrics, self.eval_examples, self.collate, self.ctx, self.cfg.eval_batches)
