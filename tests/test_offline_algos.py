@@ -161,10 +161,12 @@ def test_coh_format_prompt_and_random_order(pref_file, tmp_path):
 
 @pytest.mark.parametrize("algo", sorted(set(ALGORITHMS) - {"sft"}))
 def test_every_variant_runs_two_steps_and_logs_trl_metrics(algo, pref_file, tmp_path):
-    out = train_main(tiny_args(pref_file, tmp_path / algo, algo=algo, max_len=96))
+    out = train_main(tiny_args(pref_file, tmp_path / algo, algo=algo, max_len=96, eval_data=pref_file, eval_interval=2,
+                               eval_batches=2))
     records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
-    assert EXPECTED_METRICS.get(algo, DPO_METRICS) <= records[-1].keys()
+    expected = EXPECTED_METRICS.get(algo, DPO_METRICS)
+    assert expected <= records[-1].keys() and {f"eval/{k}" for k in expected} <= records[-1].keys()
 
 
 def test_cli_dpo_on_two_ranks_equals_one_process(pref_file, tmp_path):

@@ -182,11 +182,12 @@ def precompute(examples, names, compute, collate_fn, ctx):
                 examples[rank + k * ctx.world_size].update(zip(names, row))
 
 
-def mean_metrics(metrics_fn, examples, collate_fn, ctx, max_batches):
-    """Average of metrics_fn(batch) over the first max_batches micro-batches of `examples` (evaluation)."""
-    sums, n = {}, 0
-    for i in range(0, min(len(examples), ctx.micro_batch_size * max_batches), ctx.micro_batch_size):
-        for k, v in metrics_fn(to_device(collate_fn(examples[i:i + ctx.micro_batch_size]), ctx.device)).items():
+def evaluate_loss(algo, model, examples):
+    """eval/<name>: algo.loss's loss and metrics averaged over the first cfg.eval_batches micro-batches."""
+    sums, n, size = {}, 0, algo.ctx.micro_batch_size
+    for i in range(0, min(len(examples), size * algo.cfg.eval_batches), size):
+        loss, metrics = algo.loss(model, to_device(algo.collate(examples[i:i + size]), algo.ctx.device))
+        for k, v in {"loss": loss, **metrics}.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
     return {f"eval/{k}": v / n for k, v in sums.items()}
@@ -267,9 +268,4 @@ class DPO(Algorithm):
         return loss, metrics
 
     def evaluate(self, model):
-        if not self.eval_examples:
-            return {}
-        def metrics(batch):
-            loss, values = self.loss(model, batch)
-            return {"loss": loss, **values}
-        return mean_metrics(metrics, self.eval_examples, self.collate, self.ctx, self.cfg.eval_batches)
+        return evaluate_loss(self, model, self.eval_examples) if self.eval_examples else {}

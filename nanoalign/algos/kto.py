@@ -43,7 +43,7 @@ from typing import Literal
 
 import torch
 
-from nanoalign.algos.dpo import Reference, mean_metrics, precompute
+from nanoalign.algos.dpo import Reference, evaluate_loss, precompute
 from nanoalign.data import collate, micro_batches, read_jsonl, report, tokenize_binary, unpair
 from nanoalign.logps import batch_logps
 from nanoalign.trainer import Algorithm
@@ -193,9 +193,4 @@ class KTO(Algorithm):
             "logps/chosen": side_mean(logps[good].detach()), "logps/rejected": side_mean(logps[~good].detach())}
 
     def evaluate(self, model):
-        if not self.eval_examples:
-            return {}
-        def metrics(batch):
-            loss, values = self.loss(model, batch)
-            return {"loss": loss, **values}
-        return mean_metrics(metrics, self.eval_examples, self.collate, self.ctx, self.cfg.eval_batches)
+        return evaluate_loss(self, model, self.eval_examples) if self.eval_examples else {}

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanoalign.algos.dpo import mean_metrics
+from nanoalign.algos.dpo import evaluate_loss
 from nanoalign.algos.sft import sft_loss
 from nanoalign.data import collate, load_examples, micro_batches
 from nanoalign.logps import batch_logps
@@ -112,9 +112,4 @@ class ORPO(Algorithm):
             "log_odds_chosen": log_odds_ratio.detach().mean()}  # and mean Delta
 
     def evaluate(self, model):
-        if not self.eval_examples:
-            return {}
-        def metrics(batch):
-            loss, values = self.loss(model, batch)
-            return {"loss": loss, **values}
-        return mean_metrics(metrics, self.eval_examples, self.collate, self.ctx, self.cfg.eval_batches)
+        return evaluate_loss(self, model, self.eval_examples) if self.eval_examples else {}
