@@ -42,6 +42,9 @@ def policy_state(ckpt):
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
+    if "lora" in ckpt:  # adapter-only LoRA checkpoint: the base's weights plus the merged adapters (nanoalign/lora.py)
+        from nanoalign.lora import merged_state_dict
+        ckpt = {**ckpt, "model": merged_state_dict(ckpt)}
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(policy_state(ckpt))
     return model.to(device), get_tokenizer(ckpt["tokenizer"])

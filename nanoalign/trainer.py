@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from nanoalign.checkpoint import checkpoint_path, load_checkpoint, load_model, save_checkpoint
 from nanoalign.config import config_to_dict
+from nanoalign.lora import apply_lora, load_lora_checkpoint, lora_checkpoint
 from nanoalign.model import GPT, GPTConfig, llama_config
 from nanoalign.tokenizer import get_tokenizer
 
@@ -183,8 +184,12 @@ def train(cfg, algorithm_cls, stop_after=None):
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     policy, tokenizer = build_policy(cfg, device)
+    if cfg.lora_rank:  # LoRA: adapters before the algorithm is built, so its pi_ref is these weights, adapters off
+        apply_lora(policy, cfg)
     ctx = Context(device, rank, world_size, cfg.micro_batch_size, grad_accum, autocast)
     algo = algorithm_cls(cfg, policy, tokenizer, ctx)
+    if cfg.lora_rank:  # LoRA: adapters on any other LM the algorithm built; only adapters and heads train
+        apply_lora(algo.module, cfg)
     module = algo.module.to(device)
     optimizer = make_optimizer(module, cfg, device)
 
@@ -192,7 +197,10 @@ def train(cfg, algorithm_cls, stop_after=None):
     resume_from = out_dir / "ckpt.pt"
     if cfg.resume and resume_from.exists():
         ckpt = load_checkpoint(resume_from, device)
-        module.load_state_dict(ckpt["model"])
+        if cfg.lora_rank:  # LoRA: the checkpoint holds the adapters and heads only
+            load_lora_checkpoint(module, ckpt)
+        else:
+            module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
         set_rng_state(ckpt["rng"])
@@ -213,7 +221,8 @@ def train(cfg, algorithm_cls, stop_after=None):
 
     def save(step):
         if rank == 0:
-            save_checkpoint(out_dir / "ckpt.pt", model=module.state_dict(), optimizer=optimizer.state_dict(),
+            weights = lora_checkpoint(module, cfg) if cfg.lora_rank else {"model": module.state_dict()}  # LoRA: adapters
+            save_checkpoint(out_dir / "ckpt.pt", **weights, optimizer=optimizer.state_dict(),
                             step=step, rng=rng_state(), config=config_to_dict(cfg), algo=algo.name,
                             model_config=asdict(algo.policy.cfg), tokenizer=tokenizer.spec, kind=algo.checkpoint_kind,
                             **algo.checkpoint_extra())

@@ -1,16 +1,34 @@
 """LoRA tests: exact equality with the base at init and with adapters disabled, merged vs unmerged after training,
-unmerge restores the base, only adapters train, parameter counts by hand, adapter-only state dicts round-trip."""
+unmerge restores the base, only adapters train, parameter counts by hand, adapter-only state dicts round-trip;
+in the training run: DPO's LoRA-as-reference == an explicit frozen copy, adapter-only checkpoints that load, merge
+and resume, and 2-step CLI runs of the offline algorithms with LoRA."""
+import contextlib
 import copy
+import json
+import random
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoalign.lora import (LoRALinear, count_parameters, disable_lora, inject_lora, is_lora_param,
+from nanoalign.algos.dpo import DPO, Reference
+from nanoalign.checkpoint import load_checkpoint, load_model, save_checkpoint
+from nanoalign.config import load_config
+from nanoalign.logps import batch_logps
+from nanoalign.lora import (LoRALinear, apply_lora, count_parameters, disable_lora, inject_lora, is_lora_param,
                             load_lora_state_dict, lora_state_dict, mark_only_lora_trainable, merge_and_unload,
                             merge_lora, unmerge_lora)
+from nanoalign.lora import main as lora_main  # the merge command
 from nanoalign.model import GPT, GPTConfig, llama_config
-from nanoalign.trainer import make_optimizer
+from nanoalign.tokenizer import get_tokenizer
+from nanoalign.trainer import Context, build_policy, make_optimizer, train
+from train import algo_config, main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "gpt2": GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32),
@@ -158,3 +176,113 @@ def test_inject_errors_name_the_available_layers_and_refuse_tied_head():
         inject_lora(model, 4, 8.0, 0.0, ["q_proj"])
     untied = GPT(CONFIGS["llama"])
     assert inject_lora(untied, 4, 8.0, 0.0, ["lm_head"]) == ["lm_head"]  # allowed when asked for and not tied
+
+
+# --- LoRA in the training run ---
+
+WORDS = "the a film plot was good bad very not really great dull and but acting music".split()
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory):
+    """A preference file (24 pairs) and a pretrained base checkpoint (a random 1-layer GPT on the bytes tokenizer)."""
+    root = tmp_path_factory.mktemp("lora_run")
+    rng = random.Random(0)
+
+    def phrase():
+        return " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+    rows = [{"prompt": phrase().strip(), "chosen": phrase(), "rejected": phrase()} for _ in range(24)]
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=get_tokenizer("bytes").vocab_size, block_size=96, n_layer=1, n_head=2, n_embd=32)
+    base = GPT(cfg)
+    save_checkpoint(root / "base" / "ckpt.pt", model=base.state_dict(), model_config=asdict(cfg), tokenizer="bytes",
+                    kind="policy")
+    return root
+
+
+def run_args(root, out_dir, **kw):
+    args = dict(algo="dpo", data=root / "prefs.jsonl", out_dir=out_dir, init_from=f"ckpt:{root / 'base'}",
+                max_len=80, batch_size=8, micro_batch_size=4, lr=3e-2, warmup_steps=1, max_steps=2, log_interval=1,
+                dtype="float32", dropout=0.0, seed=3, lora_rank=4, lora_alpha=8, lora_targets="q_proj,v_proj")
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def test_dpo_lora_reference_equals_an_explicit_frozen_copy_of_the_base(run_files, tmp_path):
+    cfg = load_config(run_args(run_files, tmp_path, ref_logps="live"), algo_config)
+    policy, tokenizer = build_policy(cfg, torch.device("cpu"))
+    assert apply_lora(policy, cfg) == ["blocks.0.attn.q_proj", "blocks.0.attn.v_proj"]
+    dpo = DPO(cfg, policy, tokenizer, Context(torch.device("cpu"), 0, 1, 4, 1, contextlib.nullcontext))
+    assert dpo.reference.frozen is None  # no second copy of the weights
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=3e-2)
+    policy.train()
+    for i in range(3):  # the adapters move the policy away from the base
+        dpo.loss(policy, dpo.collate(dpo.examples[4 * i:4 * i + 4]))[0].backward()
+        opt.step()
+        opt.zero_grad()
+    batch = dpo.collate(dpo.examples[12:16])
+    lora_loss, lora_metrics = dpo.loss(policy, batch)
+    frozen_base = load_model(f"ckpt:{run_files / 'base'}")[0]
+    dpo.reference = Reference(frozen_base, live=True)  # the explicit frozen copy, as without LoRA
+    assert dpo.reference.frozen is not None
+    copy_loss, copy_metrics = dpo.loss(policy, batch)
+    assert torch.equal(lora_loss, copy_loss) and lora_metrics == copy_metrics
+    policy_logps = batch_logps(policy.eval(), batch["input_ids"], batch["loss_mask"])[0]
+    ref_logps = dpo.reference.logps(batch["input_ids"], batch["loss_mask"])
+    assert not torch.allclose(policy_logps, ref_logps, atol=1e-3)  # pi != pi_ref: the check above has teeth
+
+
+def test_lora_checkpoint_holds_adapters_loads_merges_and_resumes(run_files, tmp_path):
+    straight = train(load_config(run_args(run_files, tmp_path / "a", max_steps=4), algo_config), DPO)
+    ckpt = load_checkpoint(straight)
+    assert set(ckpt["model"]) == {f"blocks.0.attn.{p}_proj.lora_{m}.weight" for p in "qv" for m in "AB"}
+    assert ckpt["lora"] == dict(base=f"ckpt:{(run_files / 'base').resolve()}", rank=4, alpha=8.0,
+                                targets=["q_proj", "v_proj"], prefixes=[""])
+    assert len(ckpt["optimizer"]["state"]) == 4  # AdamW state for the four adapter matrices only
+
+    by_hand = load_model(f"ckpt:{run_files / 'base'}")[0]  # base + (alpha / r) B A, done here by hand
+    for p in "qv":
+        layer = by_hand.blocks[0].attn.get_submodule(f"{p}_proj")
+        A, B = ckpt["model"][f"blocks.0.attn.{p}_proj.lora_A.weight"], ckpt["model"][f"blocks.0.attn.{p}_proj.lora_B.weight"]
+        layer.weight.data += 2.0 * B @ A
+    idx = torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(0))
+    loaded = load_model(f"ckpt:{straight}")[0].eval()  # what sample.py and the next stage's init_from get
+    assert torch.allclose(loaded(idx), by_hand.eval()(idx), atol=1e-6)
+    merged_dir = tmp_path / "merged"
+    lora_main(["merge", str(straight), str(merged_dir)])  # python -m nanoalign.lora merge <run> <out>
+    full = load_checkpoint(merged_dir)
+    assert "lora" not in full and "optimizer" not in full and len(full["model"]) == len(by_hand.state_dict())
+    assert torch.equal(load_model(f"ckpt:{merged_dir}")[0].eval()(idx), loaded(idx))
+
+    halves = tmp_path / "b"
+    train(load_config(run_args(run_files, halves, max_steps=4), algo_config), DPO, stop_after=2)
+    train(load_config(run_args(run_files, halves, max_steps=4, resume=True), algo_config), DPO)
+    resumed = load_checkpoint(halves)["model"]
+    assert all(torch.equal(resumed[k], v) for k, v in ckpt["model"].items())
+
+
+def test_cli_dpo_two_steps_with_lora(run_files, tmp_path):
+    out = tmp_path / "dpo"
+    run = subprocess.run([sys.executable, "train.py", *run_args(run_files, out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "512 trainable parameters" in run.stdout  # q_proj, v_proj (32 -> 32) at rank 4: 2 * (4*32 + 32*4)
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 2 and all(is_lora_param(k) for k in ckpt["model"])
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert len(records) == 2 and all(r["loss"] == r["loss"] for r in records)  # logged, not NaN
+
+
+@pytest.mark.parametrize("algo,extra", [("dpo", {"ref_logps": "live"}), ("kto", {}), ("orpo", {}), ("ipo", {})])
+def test_two_steps_with_lora_for_other_algorithms(run_files, tmp_path, algo, extra):
+    """The same wiring, in process (train.py's main), for the other offline algorithms."""
+    out = train_main(run_args(run_files, tmp_path / algo, algo=algo, **extra))
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 2 and ckpt["lora"]["rank"] == 4 and all(is_lora_param(k) for k in ckpt["model"])
+    assert len([json.loads(line) for line in open(Path(out) / "metrics.jsonl")]) == 2
+
+
+def test_lora_from_scratch_is_refused(run_files, tmp_path):
+    with pytest.raises(ValueError, match="pretrained"):
+        train_main(run_args(run_files, tmp_path, init_from="scratch", tokenizer="bytes"))

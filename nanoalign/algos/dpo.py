@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from nanoalign.algos.sft import sft_loss
 from nanoalign.data import collate, load_examples, micro_batches
 from nanoalign.logps import batch_logps
+from nanoalign.lora import disable_lora, lora_layers
 from nanoalign.trainer import Algorithm, to_device
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "rdpo", "dpop", "simpo", "cpo")
@@ -147,6 +148,7 @@ class Reference:
 
     def __init__(self, policy, live):
         self.policy = policy
+        live = live and not lora_layers(policy)  # LoRA: pi_ref is the policy with its adapters off, no copy
         self.frozen = copy.deepcopy(policy).requires_grad_(False).eval() if live else None
 
     @torch.no_grad()
@@ -155,7 +157,8 @@ class Reference:
         model = self.frozen if self.frozen is not None else self.policy
         was_training = model.training
         model.eval()
-        logps, _, _ = batch_logps(model, input_ids, loss_mask)
+        with disable_lora(model):  # exactly the base weights under LoRA; a no-op without adapters
+            logps, _, _ = batch_logps(model, input_ids, loss_mask)
         model.train(was_training)
         return logps
 
