@@ -17,6 +17,12 @@ Choices and departures:
   not bit-identical to W, and the reference model must be exactly the base.
 - The tied output head of GPT-2 configs (lm_head.weight is tok_emb.weight) is never wrapped: merging into it would
   change the embedding too. `inject_lora` refuses any target whose weight is shared.
+
+In a training run (`--lora_rank=16 --lora_alpha=32 --lora_targets=q_proj,v_proj`, any algorithm) the trainer calls
+`apply_lora` on the policy before the algorithm is built and on `algo.module` after (critic / reward trunk), saves
+`lora_checkpoint` (adapters and heads, plus a pointer to the base), and `load_model` rebuilds the full weights from
+it. `python -m nanoalign.lora merge <run> <out>` writes a full checkpoint. Limits: the base must be a checkpoint
+(not `scratch`), and every LM in the module must have started from it.
 """
 import contextlib
 import math
