@@ -1,0 +1,124 @@
+"""The reward-vs-KL frontier of the toy world: the picture of the DPO paper's Figure 2 (left), in minutes on a CPU.
+
+    python -m nanoalign.toy.frontier --algos=dpo --betas=0.03,0.1,0.3,1.0 [--out=out/frontier] [--max_steps=...]
+
+For each algorithm, sweep its KL knob (the table KNOBS below: DPO's beta, ...) with every other setting at its
+default, run each point through train.py's main() (the toy world is built once and reused), and collect each run's
+eval.json (gold reward and KL(pi || pi_SFT) on held-out prompts) into <out>/frontier.csv and <out>/frontier.json,
+plus <out>/frontier.png (gold reward vs KL, one colour per algorithm, the SFT model at KL = 0) when matplotlib is
+installed. Any other --key=value goes to every run (e.g. --max_steps=100). Without --values/--betas each algorithm
+sweeps the values of its table entry.
+Departure from the paper: one run per knob value at a fixed step count (the paper also plots several checkpoints
+of each run), and KL is per sequence on 256 held-out prompts with 1 sample each.
+"""
+import argparse
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository root, where train.py lives
+
+# algorithm -> (the config key that sets its KL strength, values swept by default). A larger DPO-family beta
+# keeps the policy closer to the reference. Add a line when an algorithm lands.
+KNOBS = {
+    "dpo": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "ipo": ("beta", (0.1, 0.3, 1.0, 3.0)),
+    "kto": ("beta", (0.03, 0.1, 0.3, 1.0)),
+}
+COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_se", "win_rate", "grammatical",
+           "length", "out_dir")
+
+
+def train_main():
+    """train.py's main() (train.py is a script at the repository root, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("nanoalign_train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def sweep(algos: list[str], values: list[float] | None, out: Path, extra: list[str] = (), knobs: dict = KNOBS) -> list[dict]:
+    """Train and evaluate one run per (algorithm, knob value); returns the points, SFT first."""
+    main = train_main()
+    points = []
+    for algo in algos:
+        if algo not in knobs:
+            raise SystemExit(f"no KL knob known for {algo!r}; add it to KNOBS in {__file__} (known: {', '.join(knobs)})")
+        knob, defaults = knobs[algo]
+        for value in values or defaults:
+            out_dir = out / f"{algo}_{knob}{value}"
+            main([f"--algo={algo}", f"--{knob}={value}", f"--out_dir={out_dir}", *extra])
+            result = json.loads((out_dir / "eval.json").read_text())
+            if not points:  # every run samples the same SFT reference with the same seed: one point for it
+                points.append({"algo": "sft", "knob": "", "value": "", "kl": 0.0, "kl_se": 0.0,
+                               "gold_reward": result["ref_gold_reward"], "gold_reward_se": result["ref_gold_reward_se"],
+                               "win_rate": 0.5, "grammatical": result["ref_grammatical"],
+                               "length": result["ref_length"], "out_dir": ""})
+            points.append({"algo": algo, "knob": knob, "value": value, "out_dir": str(out_dir),
+                           **{k: result[k] for k in COLUMNS if k in result and k not in ("algo", "out_dir")}})
+    return points
+
+
+def write_points(points: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "frontier.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: p.get(k, "") for k in COLUMNS} for p in points)
+    (out / "frontier.json").write_text(json.dumps(points, indent=1) + "\n")
+
+
+def plot(points: list[dict], path: Path) -> bool:
+    """Gold reward vs KL, one line per algorithm labelled with its knob values; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for algo in dict.fromkeys(p["algo"] for p in points if p["algo"] != "sft"):
+        run = sorted((p for p in points if p["algo"] == algo), key=lambda p: p["kl"])
+        ax.plot([p["kl"] for p in run], [p["gold_reward"] for p in run], "o-", label=f"{algo} ({run[0]['knob']})")
+        for p in run:
+            ax.annotate(f"{p['value']:g}", (p["kl"], p["gold_reward"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7)
+    for p in points:
+        if p["algo"] == "sft":
+            ax.plot([0.0], [p["gold_reward"]], "k*", markersize=12, label="SFT (reference)")
+    ax.set_xlabel("KL(pi || pi_SFT), nats per sample")
+    ax.set_ylabel("gold reward (mean over held-out prompts)")
+    ax.set_title("toy controlled sentiment: reward vs KL frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algos", default="dpo", help="comma-separated algorithms with an entry in KNOBS")
+    parser.add_argument("--values", "--betas", dest="values", default="",
+                        help="comma-separated knob values for every algorithm (default: each one's table values)")
+    parser.add_argument("--out", default="out/frontier", help="folder for the runs, frontier.csv/.json/.png")
+    args, extra = parser.parse_known_args(argv)
+    values = [float(v) for v in args.values.split(",")] if args.values else None
+    out = Path(args.out)
+    points = sweep(args.algos.split(","), values, out, extra)
+    write_points(points, out)
+    plotted = plot(points, out / "frontier.png")
+    print(f"{'algo':<6}{'knob':>14}{'KL':>9}{'gold reward':>13}{'win rate':>10}{'grammatical':>13}")
+    for p in points:
+        knob = f"{p['knob']}={p['value']:g}" if p["knob"] else "-"
+        print(f"{p['algo']:<6}{knob:>14}{p['kl']:>9.2f}{p['gold_reward']:>13.3f}{p['win_rate']:>10.3f}"
+              f"{p['grammatical']:>13.3f}")
+    print(f"wrote {out / 'frontier.csv'}, {out / 'frontier.json'}"
+          + (f", {out / 'frontier.png'}" if plotted else " (no plot: pip install matplotlib)"))
+    return points
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The toy world's default run: build (once, cached) the corpus, base model, SFT model and annotated data, point a
+run at them, and evaluate the result. train.py calls `prepare` when no --data is given and `evaluate_run` after.
+
+Stages, each in its own folder of the cache dir (out/toy, or $NANOALIGN_TOY_DIR), rebuilt only when missing or
+when its recipe changed (a stamp.json holds a hash of the recipe fields it used and of the stages before it):
+  corpus/       pretrain.jsonl {"text"} (reviews for the base model); sft.jsonl {"prompt","completion"} (held-out
+                reviews cut after their first 2-8 words); eval_prompts.jsonl {"prompt"} (other held-out reviews)
+  base/         a tiny GPT pretrained from scratch on pretrain.jsonl (the SFT algorithm on plain text)
+  sft/          the base model fine-tuned on sft.jsonl (the reference policy pi_ref of every later run)
+  annotations/  for each SFT prompt, several completions sampled from the SFT model at temperature 1, scored by
+                the gold reward and labelled by the simulated annotators of world.py:
+                prefs.jsonl {"prompt","chosen","rejected"} (Bradley-Terry draws), binary.jsonl {"prompt",
+                "completion","label"} (thumbs up/down), prompts.jsonl {"prompt"} (online algorithms)
+As in the DPO paper's IMDb experiment (appendix C.1) the preference prompts are the SFT prompts and every prompt
+gets 4 completions and all 6 of their pairs; departure: our labels are noisy draws, not the classifier's argmax.
+
+Under torchrun the training stages run on every rank (train() does the DDP); corpus and annotation are written by
+rank 0 while the others wait at a barrier.
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanoalign.algos import get_algorithm
+from nanoalign.algos.sft import SFT
+from nanoalign.checkpoint import load_checkpoint, model_from_checkpoint
+from nanoalign.config import load_config
+from nanoalign.data import read_jsonl
+from nanoalign.toy.evaluate import completion_text, evaluate, format_table, model_sampler, sample_completions
+from nanoalign.toy.world import (TAU, binary_feedback, gold_reward, is_grammatical, label_pairs, make_corpus,
+                                 split_prompt, write_jsonl)
+from nanoalign.trainer import setup_distributed, train
+
+VERSION = 1  # bump when a stage's code changes what it writes: every cache is rebuilt
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the toy world's models and data (the DPO run itself is configured by TrainConfig)."""
+    seed: int = 0
+    # corpus: reviews for pretraining, for SFT pairs (and the annotation prompts), for evaluation prompts
+    n_pretrain: int = 20000
+    n_sft: int = 4000
+    n_eval: int = 256
+    # base model: GPT-2 style, trained from scratch on the toy tokenizer (every word is one token)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    base_steps: int = 1000
+    base_batch: int = 64
+    base_lr: float = 2e-3
+    # SFT model: the base model fine-tuned on the prompt/continuation pairs
+    sft_steps: int = 100
+    sft_batch: int = 32
+    sft_lr: float = 3e-4
+    # annotation: completions of the SFT model for the first n_annotate SFT prompts
+    n_annotate: int = 1500
+    completions_per_prompt: int = 4
+    pairs_per_prompt: int = 6
+    tau: float = TAU
+    max_new_tokens: int = 40  # also the evaluation's sampling budget
+    micro_batch_size: int = 32
+
+
+RECIPES = {
+    "default": Recipe(),
+    # about a minute, for the slow test: a weaker base model, fewer preference pairs
+    "small": Recipe(n_pretrain=6000, base_steps=300, n_annotate=600),
+    # seconds instead of minutes, for tests: the models learn little
+    "tiny": Recipe(n_pretrain=256, n_sft=64, n_eval=16, n_layer=1, n_head=2, n_embd=32, base_steps=4, base_batch=16,
+                   sft_steps=2, sft_batch=16, n_annotate=16, completions_per_prompt=3, pairs_per_prompt=2,
+                   max_new_tokens=24, micro_batch_size=16),
+}
+STAGE_FIELDS = {  # the recipe fields each stage depends on (besides the stages before it)
+    "corpus": ("seed", "n_pretrain", "n_sft", "n_eval"),
+    "base": ("seed", "n_layer", "n_head", "n_embd", "block_size", "base_steps", "base_batch", "base_lr",
+             "micro_batch_size"),
+    "sft": ("seed", "sft_steps", "sft_batch", "sft_lr", "micro_batch_size"),
+    "annotations": ("seed", "n_annotate", "completions_per_prompt", "pairs_per_prompt", "tau", "max_new_tokens"),
+}
+DATA_FILES = {"text": "corpus/pretrain.jsonl", "sft": "corpus/sft.jsonl", "preference": "annotations/prefs.jsonl",
+              "binary": "annotations/binary.jsonl", "prompt": "annotations/prompts.jsonl"}
+
+
+def toy_dir() -> Path:
+    return Path(os.environ.get("NANOALIGN_TOY_DIR", "out/toy"))
+
+
+def default_recipe() -> Recipe:
+    """RECIPES[$NANOALIGN_TOY_RECIPE], "default" when unset."""
+    name = os.environ.get("NANOALIGN_TOY_RECIPE", "default")
+    if name not in RECIPES:
+        raise ValueError(f"NANOALIGN_TOY_RECIPE={name!r}; choose from {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def stage_key(stage: str, recipe: Recipe, upstream: str = "") -> str:
+    fields = {name: getattr(recipe, name) for name in STAGE_FIELDS[stage]}
+    text = json.dumps({"version": VERSION, "stage": stage, "fields": fields, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_stage(directory: Path, key: str, build, rank: int, every_rank: bool) -> float | None:
+    """Build `directory` unless its stamp matches `key`; returns the seconds spent, None when cached.
+    `build(directory)` runs on every rank (training) or on rank 0 only (writing files)."""
+    stamp = directory / "stamp.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+        return None
+    start = time.perf_counter()
+    if rank == 0 and directory.exists():
+        shutil.rmtree(directory)  # a stale stage: nothing of it may survive (metrics.jsonl is appended to)
+    barrier()
+    info = build(directory) if every_rank or rank == 0 else None
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"key": key, "version": VERSION, "seconds": round(seconds, 1), **(info or {})}))
+    barrier()
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------------- stages
+def build_corpus(directory: Path, recipe: Recipe) -> dict:
+    reviews = make_corpus(recipe.n_pretrain + recipe.n_sft + recipe.n_eval, recipe.seed)
+    pretrain, sft = reviews[:recipe.n_pretrain], reviews[recipe.n_pretrain:recipe.n_pretrain + recipe.n_sft]
+    held_out = reviews[recipe.n_pretrain + recipe.n_sft:]
+    rng = random.Random(recipe.seed + 1)
+    write_jsonl(directory / "pretrain.jsonl", [{"text": text} for text in pretrain])
+    write_jsonl(directory / "sft.jsonl", [dict(zip(("prompt", "completion"), split_prompt(t, rng))) for t in sft])
+    write_jsonl(directory / "eval_prompts.jsonl", [{"prompt": split_prompt(t, rng)[0]} for t in held_out])
+    return {}
+
+
+def stage_config(cfg, recipe: Recipe, **values):
+    """The run config of a model-training stage; device, dtype and compile follow the user's run."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    micro = min(recipe.micro_batch_size, values["batch_size"] // world_size)  # the batch must split over the ranks
+    # bf16 autocast does not pay at this size on a CPU: a base-model step took 0.18 s in bf16 and 0.09 s in fp32
+    dtype = "float32" if cfg.dtype == "auto" and cfg.device == "cpu" else cfg.dtype
+    system = {"device": cfg.device, "dtype": dtype, "compile": cfg.compile}
+    args = {"algo": "sft", "seed": recipe.seed, "micro_batch_size": micro, "warmup_steps": 20, "log_interval": 50,
+            **system, **values}
+    return load_config([f"--{k}={v}" for k, v in args.items()], lambda name: get_algorithm(name).Config)
+
+
+def train_base(directory: Path, cfg, recipe: Recipe) -> dict:
+    stage = stage_config(cfg, recipe, data=toy_dir() / DATA_FILES["text"], out_dir=directory, init_from="scratch",
+                         tokenizer="toy", n_layer=recipe.n_layer, n_head=recipe.n_head, n_embd=recipe.n_embd,
+                         block_size=recipe.block_size, max_len=recipe.block_size, max_steps=recipe.base_steps,
+                         batch_size=recipe.base_batch, lr=recipe.base_lr)
+    train(stage, SFT)
+    return {}
+
+
+def train_sft(directory: Path, cfg, recipe: Recipe) -> dict:
+    stage = stage_config(cfg, recipe, data=toy_dir() / DATA_FILES["sft"], out_dir=directory,
+                         init_from=f"ckpt:{toy_dir() / 'base'}", max_len=recipe.block_size,
+                         max_steps=recipe.sft_steps, batch_size=recipe.sft_batch, lr=recipe.sft_lr)
+    train(stage, SFT)
+    return {}
+
+
+def annotate(directory: Path, device, recipe: Recipe) -> dict:
+    """Sample completions_per_prompt completions per prompt from the SFT model, score and label them."""
+    model, tokenizer = model_from_checkpoint(load_checkpoint(toy_dir() / "sft", device), device)
+    model.eval()
+    prompts = [row["prompt"] for row in read_jsonl(toy_dir() / DATA_FILES["sft"], "sft")[:recipe.n_annotate]]
+    k = recipe.completions_per_prompt
+    prompt_ids = [tokenizer.encode(p) for p in prompts for _ in range(k)]
+    sampler = model_sampler(model, tokenizer, recipe.max_new_tokens)
+    samples = [completion_text(tokenizer, c) for c in sample_completions(sampler, prompt_ids, recipe.seed, 256, device)]
+    rng, stats = random.Random(recipe.seed), {}
+    prefs, binary, rewards_all, grammatical = [], [], [], []
+    for i, prompt in enumerate(prompts):
+        completions = [c for c in samples[i * k:(i + 1) * k] if c.strip()]  # an empty completion is no answer
+        rewards = [gold_reward(prompt + c) for c in completions]
+        rewards_all += rewards
+        grammatical += [is_grammatical(prompt + c) for c in completions]
+        prefs += label_pairs(prompt, completions, rewards, rng=rng, tau=recipe.tau,
+                             pairs_per_prompt=recipe.pairs_per_prompt, stats=stats)
+        binary += binary_feedback(prompt, completions, rewards, rng=rng, tau=recipe.tau)
+    write_jsonl(directory / "prefs.jsonl", prefs)
+    write_jsonl(directory / "binary.jsonl", binary)
+    write_jsonl(directory / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    n = max(len(rewards_all), 1)
+    return {"pairs": len(prefs), "identical_pairs": stats.get("identical_pairs", 0), "binary": len(binary),
+            "empty_completions": len(samples) - len(rewards_all), "sft_gold_reward": round(sum(rewards_all) / n, 4),
+            "sft_grammatical": round(sum(grammatical) / n, 4)}
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+def prepare(cfg, algorithm_cls, recipe: Recipe | None = None) -> dict:
+    """Build whatever is missing of the toy world, then fill cfg.data (by algorithm_cls.data_format) and
+    cfg.init_from (the SFT model; the base model if the class says toy_init = "base") unless already set.
+    Returns {stage: seconds, or None when it came from the cache}."""
+    recipe = recipe or default_recipe()
+    root = toy_dir()
+    rank, _, device = setup_distributed(cfg)  # initialises the process group before the first barrier
+    keys, timings = {}, {}
+    upstream = ""
+    for stage, every_rank, build in (
+            ("corpus", False, lambda d: build_corpus(d, recipe)),
+            ("base", True, lambda d: train_base(d, cfg, recipe)),
+            ("sft", True, lambda d: train_sft(d, cfg, recipe)),
+            ("annotations", False, lambda d: annotate(d, device, recipe))):
+        keys[stage] = upstream = stage_key(stage, recipe, upstream)
+        timings[stage] = run_stage(root / stage, upstream, build, rank, every_rank)
+    if rank == 0:
+        print(f"toy world in {root}: " + ", ".join(
+            f"{stage} {'cached' if s is None else f'built in {s:.1f} s'}" for stage, s in timings.items()))
+    fmt = algorithm_cls.data_format
+    if fmt not in DATA_FILES:
+        raise ValueError(f"{algorithm_cls.__name__}.data_format={fmt!r}: the toy world has {', '.join(DATA_FILES)}")
+    cfg.data = str(root / DATA_FILES[fmt])
+    if not cfg.init_from:
+        cfg.init_from = f"ckpt:{root / getattr(algorithm_cls, 'toy_init', 'sft')}"
+    return timings
+
+
+def evaluate_run(cfg, out_dir, recipe: Recipe | None = None, seed: int = 0) -> dict | None:
+    """Rank 0: evaluate the run's policy against the SFT model on the held-out prompts; write eval.json."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    recipe = recipe or default_recipe()
+    out_dir, device = Path(out_dir), torch.device(cfg.device if cfg.device != "auto" else "cpu")
+    ckpt = load_checkpoint(out_dir, device)
+    if ckpt.get("kind", "policy") != "policy":
+        print(f"eval: {out_dir} holds a {ckpt['kind']} model, not a policy; no samples to score")
+        return None
+    policy, tokenizer = model_from_checkpoint(ckpt, device)
+    reference, _ = model_from_checkpoint(load_checkpoint(toy_dir() / "sft", device), device)
+    prompts = [row["prompt"] for row in read_jsonl(toy_dir() / "corpus" / "eval_prompts.jsonl", "prompt")]
+    start = time.perf_counter()
+    result = evaluate(policy, reference, tokenizer, prompts, n_samples=1, seed=seed,
+                      max_new_tokens=recipe.max_new_tokens)
+    result.update(algo=cfg.algo, out_dir=str(out_dir), seconds=round(time.perf_counter() - start, 1))
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(format_table(result, f"eval: {len(prompts)} held-out prompts, 1 sample each at temperature 1; "
+                               f"reference = the SFT model; {out_dir / 'eval.json'}"))
+    return result
