@@ -1,0 +1,113 @@
+"""Annotators for online preference learning: who decides which of two responses is better.
+
+One small interface, `annotator.prefer(prompts, first, second) -> (N,) P(first is better)` in [0, 1], three kinds:
+  ScoreAnnotator  a scalar score per (prompt, response) -- a reward model or the toy world's gold reward
+                  (nanoalign/scorers.py) -- and the higher score wins: P = 1, 0 or 0.5 on a tie.
+  LLMJudge        any nanoalign-loadable language model (`load_model(spec)`), shown the prompt, both responses and
+                  an instruction ("Which review is more positive?"), and scored by the log-probabilities of its
+                  answer tokens (" A" vs " B"). The "AI feedback" of OAIF (Guo et al. 2024, "Direct Language Model
+                  Alignment from Online AI Feedback", arXiv:2402.04792, Sec. 3 and the prompt of their Table 8).
+
+Position bias. LLM judges prefer a slot regardless of content (Zheng et al. 2023, "Judging LLM-as-a-judge",
+arXiv:2306.05685, Sec. 3.3). Each pair is therefore asked in BOTH orders and the two answers averaged in log-odds:
+with l(x, y) = log p(label A | J(x, y)) - log p(label B | J(x, y)) the judge's log-odds that the response in slot A
+wins, the debiased log-odds that `first` wins is
+
+    d = (l(first, second) - l(second, first)) / 2,      P(first better) = sigmoid(d)
+
+If the judge's log-odds are a content term plus a constant slot bias, l(x, y) = b + q(x) - q(y), then
+d = q(first) - q(second) exactly: the bias b cancels, and (l1 + l2) / 2 = b measures it (judge/position_bias).
+Departures from OAIF: their annotator (PaLM 2-L) generates an answer "1" or "2" and they take its choice; we read
+the answer distribution (normalised over the two labels) instead of sampling it, and average both orders (OAIF
+mentions position bias but does not swap). The judging prompt is a template, not their few-shot prompt.
+"""
+from typing import Callable, Protocol
+
+import torch
+
+from nanoalign.data import collate
+from nanoalign.logps import batch_logps
+
+DEFAULT_TEMPLATE = ("{instruction}\n\nPrompt: {prompt}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
+                    "Which response is better, A or B?\nAnswer:")
+
+
+class Annotator(Protocol):
+    def prefer(self, prompts: list[str], first: list[str], second: list[str]) -> torch.Tensor:
+        """(N,) float32 probability that first[i] is the better response to prompts[i]; 0.5 means no preference."""
+
+
+class ScoreAnnotator:
+    """The response with the higher score wins. `score(prompts, responses) -> (N,)` (a reward model, the gold
+    reward); ties (equal scores, e.g. identical responses) give 0.5."""
+
+    def __init__(self, score: Callable[[list[str], list[str]], torch.Tensor]):
+        self.score = score
+
+    @torch.no_grad()
+    def prefer(self, prompts, first, second):
+        scores = self.score(prompts + prompts, first + second).float().cpu()  # one call for both: (2N,)
+        n = len(prompts)
+        return (torch.sign(scores[:n] - scores[n:]) + 1) / 2  # 1 if first scores higher, 0 if lower, 0.5 if equal
+
+
+def debiased_logodds(logodds_first_in_a, logodds_second_in_a):
+    """Log-odds that `first` wins from the judge's two answers (see the module docstring):
+    d = (l(first, second) - l(second, first)) / 2, and the slot bias b = (l(first, second) + l(second, first)) / 2.
+    Inputs (N,) -> (d (N,), b (N,))."""
+    d = (logodds_first_in_a - logodds_second_in_a) / 2   # content: +q(first)-q(second) twice, bias cancels
+    b = (logodds_first_in_a + logodds_second_in_a) / 2   # the slot-A preference shared by both orders
+    return d, b
+
+
+class LLMJudge:
+    """A language model as a pairwise judge, asked in both orders (module docstring).
+
+    template: a str.format string with {instruction}, {prompt}, {first}, {second}; the answer strings `labels`
+    (default " A", " B", the slots of DEFAULT_TEMPLATE) are scored right after it. A judging prompt longer than the
+    judge's context is cut from the LEFT (the responses and the question stay; counted in self.truncated).
+    The judge runs in eval mode under no_grad, `batch_size` sequences per forward."""
+
+    def __init__(self, model, tokenizer, instruction, template=DEFAULT_TEMPLATE, labels=(" A", " B"),
+                 batch_size=32):
+        self.model, self.tokenizer, self.instruction = model.eval().requires_grad_(False), tokenizer, instruction
+        self.template, self.batch_size = template, batch_size
+        self.label_ids = [tokenizer.encode(label) for label in labels]
+        if not all(self.label_ids) or self.label_ids[0] == self.label_ids[1]:
+            raise ValueError(f"judge labels {labels!r} must be two different non-empty strings")
+        self.truncated = 0
+        self.last_position_bias = None  # mean slot-A log-odds of the last call (0 for an unbiased judge)
+
+    def judge_prompt_ids(self, prompt, first, second):
+        text = self.template.format(instruction=self.instruction, prompt=prompt, first=first, second=second)
+        ids = ([self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []) + self.tokenizer.encode(text)
+        budget = self.model.cfg.block_size - max(map(len, self.label_ids))
+        if len(ids) > budget:
+            self.truncated += 1
+            ids = ids[len(ids) - budget:]  # keep the end: the responses and the question
+        return ids
+
+    @torch.no_grad()
+    def slot_logodds(self, prompts, first, second):
+        """l = log p(label A | J) - log p(label B | J) for J = the judging prompt with `first` in slot A. (N,)"""
+        examples = []
+        for p, x, y in zip(prompts, first, second):
+            ids = self.judge_prompt_ids(p, x, y)
+            for label in self.label_ids:  # two rows per pair: J + label A, J + label B
+                examples.append({"input_ids": ids + label, "loss_mask": [0] * len(ids) + [1] * len(label)})
+        device = next(self.model.parameters()).device
+        logps = []
+        for i in range(0, len(examples), self.batch_size):
+            batch = collate(examples[i:i + self.batch_size], self.tokenizer.pad_id)
+            out, _, _ = batch_logps(self.model, batch["input_ids"].to(device), batch["loss_mask"].to(device),
+                                    batch["attention_mask"].to(device))  # summed log p(label | J), (b,)
+            logps.append(out.float().cpu())
+        logps = torch.cat(logps).view(-1, 2)  # (N, 2): [log p(A | J), log p(B | J)]
+        return logps[:, 0] - logps[:, 1]
+
+    def prefer(self, prompts, first, second):
+        logodds_ab = self.slot_logodds(prompts, first, second)  # first in slot A
+        logodds_ba = self.slot_logodds(prompts, second, first)  # first in slot B
+        d, b = debiased_logodds(logodds_ab, logodds_ba)
+        self.last_position_bias = float(b.mean())
+        return torch.sigmoid(d)
