@@ -1,0 +1,62 @@
+"""Reward sources for online algorithms, behind one small interface:
+
+    scorer = get_scorer("gold" | "ckpt:<reward model dir>", device)
+    scores = scorer(prompts, responses)          # lists of N strings -> (N,) float32 tensor on the CPU
+
+  "gold"        the toy world's gold reward r*(prompt + response) in [0, 1] (nanoalign/toy/world.py); the
+                ground truth of the toy world, so optimising it directly cannot over-optimise a proxy.
+  "ckpt:<dir>"  a reward model trained with --algo=rm (nanoalign/algos/rm.py), scored on
+                [bos] + prompt + response + [eos] and read at that EOS, exactly as it was trained; its scores are
+                normalised to mean 0 / std 1 on reference samples (stored in the checkpoint).
+Responses are decoded text without the EOS: whether a response was cut off is the rollout's `eos` flag, and a
+penalty for it is the algorithm's choice (PPO's missing_eos_penalty), not the scorer's.
+Pairwise annotators (an LLM judge; a scorer where the higher score wins) live in nanoalign/judge.py.
+"""
+import torch
+
+
+def gold_scorer(prompts, responses):
+    """The toy world's gold reward of each full review (prompt + response), as the DPO paper scores it."""
+    from nanoalign.toy.world import gold_reward
+    return torch.tensor([gold_reward(p + r) for p, r in zip(prompts, responses)], dtype=torch.float32)
+
+
+class RewardModelScorer:
+    """A trained reward model (algos/rm.py RewardModel) as a scorer of text, `batch_size` sequences per forward,
+    in eval mode under no_grad. A sequence longer than the model's context loses the start of its prompt."""
+
+    def __init__(self, reward_model, tokenizer, batch_size=64):
+        self.model, self.tokenizer, self.batch_size = reward_model.eval().requires_grad_(False), tokenizer, batch_size
+
+    def encode(self, prompt, response):
+        """[bos] + prompt + response + [eos], prompt and response encoded separately (as nanoalign.data does)."""
+        tok = self.tokenizer
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        ids = bos + tok.encode(prompt) + tok.encode(response) + [tok.eos_id]
+        return ids[-self.model.backbone.cfg.block_size:]
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses):
+        device = next(self.model.parameters()).device
+        rows = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        out = []
+        for i in range(0, len(rows), self.batch_size):
+            chunk = rows[i:i + self.batch_size]
+            T = max(map(len, chunk))
+            ids = torch.full((len(chunk), T), self.tokenizer.pad_id, dtype=torch.long)   # (b, T) right-padded
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for j, row in enumerate(chunk):
+                ids[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), 1
+            out.append(self.model(ids.to(device), mask.to(device)).float().cpu())         # (b,) at each EOS
+        return torch.cat(out)
+
+
+def get_scorer(spec, device="cpu", batch_size=64):
+    """A scorer from a spec string: "gold" or "ckpt:<dir>" (a bare path means a checkpoint too)."""
+    if spec == "gold":
+        return gold_scorer
+    if not spec:
+        raise ValueError('empty reward spec: give "gold" or "ckpt:<reward model dir>"')
+    from nanoalign.algos.rm import load_reward_model
+    model, tokenizer = load_reward_model(spec, device)
+    return RewardModelScorer(model, tokenizer, batch_size)
