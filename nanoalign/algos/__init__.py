@@ -21,6 +21,8 @@ ALGORITHMS = {
     "kto": ("kto:KTO", {}),
     "orpo": ("orpo:ORPO", {}),
     "coh": ("coh:CoH", {}),
+    "rm": ("rm:RewardTrainer", {}),
+    "ppo": ("ppo:PPO", {}),
 }
 
 

@@ -1,0 +1,202 @@
+"""Reward model: a language model with a scalar head, trained on preference pairs with the Bradley-Terry loss.
+
+InstructGPT (Ouyang et al. 2022, Sec. 3.5, Eq. 1) after Stiennon et al. 2020 (Sec. 3.4):
+    loss(theta) = -E_(x, y_c, y_r) [ log sigmoid(r_theta(x, y_c) - r_theta(x, y_r)) ]
+r_theta(x, y) is a linear head on the final hidden state of the LAST token of x + y, which in our sequences is the
+EOS after the completion (data.py appends it), so the model has read the whole response before scoring it.
+Options (both from TRL's RewardTrainer): a per-pair `margin` column, loss -log sigmoid(r_c - r_r - m) (Llama 2,
+Touvron et al. 2023, Eq. 2); and a centring term c * mean((r_c + r_r)^2) (Eisenstein et al. 2023) that keeps the
+rewards near 0, since the BT loss only sees differences.
+Details from lm-human-preferences (Ziegler et al. 2019) kept here: the model starts from the SFT policy; the head is
+initialised N(0, 1/sqrt(d + 1)); after training the rewards are normalised to mean 0 and std 1 on reference
+samples (the training completions by default, or --rm_norm_data, e.g. samples of the SFT policy), and the two
+statistics are stored in the model (buffers reward_mean / reward_std) so every user of the checkpoint gets
+normalised scores: PPO's KL coefficient is then in units of reward standard deviations.
+Departures: InstructGPT trains on all K-choose-2 comparisons of a prompt in one batch element; we treat each pair as
+an independent example (TRL's choice). Lm-human-preferences normalises with samples of the policy at the start of
+training and again after; we normalise once, at the end.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanoalign.checkpoint import load_checkpoint
+from nanoalign.data import Filtered, collate, read_jsonl, report, tokenize_preference, tokenize_sft, micro_batches
+from nanoalign.model import GPT, GPTConfig
+from nanoalign.tokenizer import get_tokenizer
+from nanoalign.trainer import Algorithm
+
+
+def reward_loss(chosen, rejected, margin=None, center_coef=0.0):
+    """Bradley-Terry loss on rewards (B,) of the chosen and rejected completions of B pairs:
+        L = mean_i -log sigmoid(r_c,i - r_r,i - m_i)  +  c * mean_i (r_c,i + r_r,i)^2
+    margin (B,) or None (m = 0). Returns the scalar loss."""
+    diff = chosen - rejected                                             # r_c - r_r  (B,)
+    if margin is not None:
+        diff = diff - margin                                             # require r_c - r_r > m
+    loss = -F.logsigmoid(diff).mean()                                    # -log sigma(.) is softplus(-.): stable
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()    # pulls the pair's mean reward to 0
+    return loss
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token of each row, for right, left or both-sided padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
+    return (positions * attention_mask.long()).argmax(dim=1)             # largest t with mask 1
+
+
+class RewardModel(nn.Module):
+    """backbone: a GPT (its hidden states; its lm_head is unused). forward(input_ids, attention_mask) -> (B,)
+    normalised reward read at the last real token; token_values(...) -> (B, T) the head at every position (a
+    critic initialised from the reward model reads it there)."""
+
+    def __init__(self, backbone: GPT):
+        super().__init__()
+        self.backbone = backbone
+        d = backbone.cfg.n_embd
+        self.head = nn.Linear(d, 1)
+        nn.init.normal_(self.head.weight, std=1 / (d + 1) ** 0.5)       # lm-human-preferences' init
+        nn.init.zeros_(self.head.bias)
+        if not backbone.cfg.tie_embeddings:
+            backbone.lm_head.requires_grad_(False)  # unused: a grad-less trainable weight would stall DDP's reducer
+        self.register_buffer("reward_mean", torch.zeros(()))                  # normalisation, set by normalise()
+        self.register_buffer("reward_std", torch.ones(()))
+
+    def token_values(self, input_ids, attention_mask=None):
+        h = self.backbone.hidden_states(input_ids, attention_mask)      # (B, T, C)
+        raw = self.head(h).squeeze(-1).float()                           # (B, T)
+        return (raw - self.reward_mean) / self.reward_std
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        values = self.token_values(input_ids, attention_mask)            # (B, T)
+        return values.gather(1, last_token_index(attention_mask)[:, None])[:, 0]  # (B,) at the EOS
+
+    @torch.no_grad()
+    def normalise(self, mean, std):
+        """Store statistics of the RAW rewards so that forward() returns (raw - mean) / std."""
+        self.reward_mean.fill_(mean)
+        self.reward_std.fill_(std)
+
+    @torch.no_grad()
+    def fold_normalisation(self):
+        """Fold (raw - mean) / std into the head (w / std, (b - mean) / std) and reset the statistics to 0 / 1: the
+        same outputs, but gradients see normalised units (for a critic initialised from this model)."""
+        self.head.weight.div_(self.reward_std)
+        self.head.bias.sub_(self.reward_mean).div_(self.reward_std)
+        self.normalise(0.0, 1.0)
+
+
+def load_reward_model(spec, device="cpu"):
+    """(RewardModel, tokenizer) from a checkpoint written by --algo=rm ("ckpt:<dir>" or a path)."""
+    ckpt = load_checkpoint(spec, device)
+    if ckpt.get("kind") != "reward":
+        raise ValueError(f"{spec} holds a {ckpt.get('kind', 'policy')} model, not a reward model (train one with --algo=rm)")
+    state = ckpt["model"]
+    if "lora" in ckpt:  # adapter-only checkpoint: base weights + merged adapters (nanoalign/lora.py)
+        from nanoalign.lora import merged_state_dict
+        state = merged_state_dict(ckpt)
+    model = RewardModel(GPT(GPTConfig(**ckpt["model_config"])))
+    model.load_state_dict(state)
+    return model.to(device).eval(), get_tokenizer(ckpt["tokenizer"])
+
+
+def load_pairs(path, tokenizer, max_len, log):
+    """Preference examples keeping an optional per-pair "margin" column (tokenised row by row so it stays aligned)."""
+    examples, filtered = [], Filtered()
+    for row in read_jsonl(path, "preference"):
+        kept, f = tokenize_preference([row], tokenizer, max_len)
+        filtered.dropped.update(f.dropped)
+        filtered.truncated += f.truncated
+        examples += [{**e, "margin": float(row["margin"])} if "margin" in row else e for e in kept]
+    if any("margin" in e for e in examples) and not all("margin" in e for e in examples):
+        raise ValueError(f"{path}: some rows have a 'margin' column and some do not")
+    report(filtered, path, len(examples), log)
+    return examples
+
+
+@dataclass
+class Config:
+    rm_center_coef: float = 0.0  # c of the centring term c * mean((r_c + r_r)^2); 0 -> off (TRL suggests 0.01)
+    rm_norm_data: str = ""  # JSONL {"prompt","completion"} of reference samples for the final normalisation;
+    #                        "" -> the chosen and rejected completions of the training data
+    rm_norm_samples: int = 2048  # at most this many reference samples
+
+
+class RewardTrainer(Algorithm):
+    name = "rm"
+    Config = Config
+    data_format = "preference"
+    key_metrics = ("accuracy",)
+    checkpoint_kind = "reward"
+
+    def __init__(self, cfg, policy, tokenizer, ctx):
+        super().__init__(cfg, policy, tokenizer, ctx)
+        self.module = RewardModel(policy)
+        log = print if ctx.master else (lambda *a, **k: None)
+        self.examples = load_pairs(cfg.data, tokenizer, cfg.max_len, log)
+        self.eval_examples = load_pairs(cfg.eval_data, tokenizer, cfg.max_len, log) if cfg.eval_data else []
+
+    def collate(self, examples):
+        return collate(examples, self.tokenizer.pad_id)  # 2B rows: the B chosen, then the B rejected
+
+    def batches(self, start_step):
+        c = self.ctx
+        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
+                             start_step, self.collate)
+
+    def pair_rewards(self, model, batch):
+        rewards = model(batch["input_ids"], batch["attention_mask"])     # (2B,) one forward for both
+        return rewards.chunk(2)                                          # chosen (B,), rejected (B,)
+
+    def loss(self, model, batch):
+        chosen, rejected = self.pair_rewards(model, batch)
+        loss = reward_loss(chosen, rejected, batch.get("margin"), self.cfg.rm_center_coef)
+        both = torch.cat([chosen, rejected]).detach()
+        return loss, {"accuracy": (chosen > rejected).float().mean(), "margin": (chosen - rejected).mean().detach(),
+                      "rewards/chosen": chosen.mean().detach(), "rewards/rejected": rejected.mean().detach(),
+                      "rewards/mean": both.mean(), "rewards/std": both.std()}
+
+    def evaluate(self, model):
+        if not self.eval_examples:
+            return {}
+        n, sums = self.ctx.micro_batch_size, {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+        count = 0
+        for i in range(0, min(len(self.eval_examples), n * self.cfg.eval_batches), n):
+            batch = {k: v.to(self.ctx.device) for k, v in self.collate(self.eval_examples[i:i + n]).items()}
+            chosen, rejected = self.pair_rewards(model, batch)
+            sums["loss"] += float(reward_loss(chosen, rejected, batch.get("margin"))) * len(chosen)
+            sums["accuracy"] += float((chosen > rejected).float().sum())
+            sums["margin"] += float((chosen - rejected).sum())
+            count += len(chosen)
+        return {f"eval/{k}": v / count for k, v in sums.items()}
+
+    def reference_sequences(self):
+        """Token lists of the reference samples for the normalisation (prompt + completion + EOS)."""
+        cfg = self.cfg
+        if cfg.rm_norm_data:
+            rows = read_jsonl(cfg.rm_norm_data, "sft")
+            return [e["input_ids"] for e in tokenize_sft(rows, self.tokenizer, cfg.max_len)[0]][:cfg.rm_norm_samples]
+        seqs = [e[k] for e in self.examples for k in ("chosen_ids", "rejected_ids")]
+        return seqs[:cfg.rm_norm_samples]
+
+    @torch.no_grad()
+    def finish(self, model):
+        """Normalise the final rewards to mean 0, std 1 on the reference samples (every rank computes the same)."""
+        module = self.module
+        module.normalise(0.0, 1.0)
+        seqs, n = self.reference_sequences(), self.ctx.micro_batch_size * 2
+        raw = []
+        for i in range(0, len(seqs), n):
+            batch = collate([{"input_ids": s, "loss_mask": [1] * len(s)} for s in seqs[i:i + n]], self.tokenizer.pad_id)
+            with self.ctx.autocast():
+                raw.append(module(batch["input_ids"].to(self.ctx.device), batch["attention_mask"].to(self.ctx.device)))
+        raw = torch.cat(raw).float()
+        module.normalise(raw.mean().item(), raw.std().clamp(min=1e-6).item())
+        if self.ctx.master:
+            print(f"rm: rewards normalised on {len(raw)} reference samples (raw mean {raw.mean():.4f}, "
+                  f"std {raw.std():.4f})")
