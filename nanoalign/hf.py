@@ -191,8 +191,9 @@ def to_nanoalign(hf_state, model, gpt2, where):
         t = hf_state[hf].t() if transposed else hf_state[hf]
         t = t.chunk(3, dim=0)[part] if part is not None else t  # c_attn rows: [q; k; v]
         if t.shape != param.shape:
+            third = " (as q/k/v thirds)" if part is not None else ""
             raise ValueError(f"{where}: shape mismatch for {hf}: checkpoint has {tuple(hf_state[hf].shape)}, "
-                             f"config.json implies {tuple(param.shape)}{' (as q/k/v thirds)' if part is not None else ''}")
+                             f"config.json implies {tuple(param.shape)}{third}")
         out[name] = t.contiguous()
     unexpected = sorted(set(hf_state) - used)
     if missing or unexpected:
@@ -405,16 +406,51 @@ def _prepended_token(post):
     return None
 
 
+def _mergeable_ranks(tj, added, where):
+    """tiktoken ranks = HF ids of the byte-level vocabulary (added tokens excluded: they become special tokens).
+    tiktoken merges the adjacent pair whose result has the lowest rank, HF the pair listed first in `merges`:
+    the two agree when merge results come in increasing id order, which is checked here."""
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    vocab, ranks = tj["model"]["vocab"], {}
+    for token, i in vocab.items():
+        if token not in added:
+            if any(c not in byte_of for c in token):
+                raise ValueError(f"{where}: vocabulary entry {token!r} is not byte-level; "
+                                 f"supported: {SUPPORTED_TOKENIZERS}")
+            ranks[bytes(byte_of[c] for c in token)] = i
+    if missing := [b for b in range(256) if bytes([b]) not in ranks]:
+        raise ValueError(f"{where}: the vocabulary lacks single bytes {missing[:8]}...; tiktoken needs all 256")
+    last, seen = -1, set()
+    for merge in tj["model"].get("merges", []):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge  # "a b" (older files) or ["a", "b"]
+        i = vocab[a + b]
+        if i not in seen and i < last:  # a repeated result (another split of the same bytes) keeps its rank
+            raise ValueError(f"{where}: merge {a!r}+{b!r} creates id {i} after id {last}: ids do not follow the "
+                             "merge order, so tiktoken ranks cannot express this tokenizer")
+        seen.add(i)
+        last = max(last, i)
+    return ranks
+
+
+def _choose_pad(added, tokenizer_config, not_pad):
+    """A PAD that is no EOS, BOS or generation stop token (`not_pad`): tokenizer_config's pad_token, else a token
+    reserved for padding or future use (Llama-3); None -> the caller adds a new <|pad|>."""
+    candidates = [_content(tokenizer_config.get("pad_token")), "<|finetune_right_pad_id|>", PAD_TOKEN, "<pad>",
+                  "[PAD]", *sorted((t for t in added if t.startswith("<|reserved_special_token_")), key=added.get)]
+    return next((t for t in candidates if t in added and t not in not_pad), None)
+
+
 def load_tokenizer(model_dir) -> Tokenizer:
     """tokenizer.json (byte-level BPE) as a tiktoken Encoding: ranks = HF ids, HF's pre-tokenizer regex, every
     added token as a special token. EOS is tokenizer_config.json's eos_token (else config.json's eos_token_id);
     BOS is set only when the HF tokenizer prepends it (its post-processor), so prepending bos_id reproduces
-    HF's `tokenizer(text)`. PAD, never an EOS or BOS: tokenizer_config's pad_token, else a token reserved for
-    padding or future use (Llama-3), else a new <|pad|> after the last id (inside the embedding when HF padded
-    it, e.g. Qwen2's 151936 rows; else one row beyond it, which load_hf_model adds)."""
+    HF's `tokenizer(text)`. PAD (see _choose_pad) is never an EOS or BOS; without one, a new <|pad|> follows the
+    last id: inside the embedding when HF padded it (Qwen2's 151936 rows), else one row beyond it, which
+    load_hf_model adds (GPT-2, SmolLM)."""
     d = Path(model_dir).resolve()
     if not (d / "tokenizer.json").exists():
-        spm = " (it has tokenizer.model: SentencePiece cannot be expressed in tiktoken)" if (d / "tokenizer.model").exists() else ""
+        spm = " (its tokenizer.model is SentencePiece, which tiktoken cannot express)" \
+            if (d / "tokenizer.model").exists() else ""
         raise FileNotFoundError(f"no tokenizer.json in {d}{spm}; supported: {SUPPORTED_TOKENIZERS}")
     tj = json.loads((d / "tokenizer.json").read_text())
     pat_str, split_digits = _pre_tokenizer(tj, d / "tokenizer.json")
@@ -422,37 +458,19 @@ def load_tokenizer(model_dir) -> Tokenizer:
     if norm not in (None, "NFC"):
         raise ValueError(f"{d}: normalizer {norm!r} is not supported; supported: none, NFC")
     added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    vocab, ranks = tj["model"]["vocab"], {}
-    for token, i in vocab.items():
-        if token not in added:
-            if any(c not in byte_of for c in token):
-                raise ValueError(f"{d}: vocabulary entry {token!r} is not byte-level; supported: {SUPPORTED_TOKENIZERS}")
-            ranks[bytes(byte_of[c] for c in token)] = i
-    if missing := [b for b in range(256) if bytes([b]) not in ranks]:
-        raise ValueError(f"{d}: the vocabulary lacks single bytes {missing[:8]}...; tiktoken needs all 256")
-    last, seen = -1, set()
-    for merge in tj["model"].get("merges", []):  # tiktoken merges by rank: merge order must follow the ids
-        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
-        i = vocab[a + b]
-        if i not in seen and i < last:
-            raise ValueError(f"{d}: merge {a!r}+{b!r} creates id {i} after id {last}: ids do not follow merge order")
-        seen.add(i)
-        last = max(last, i)
-    tcfg, hf = _read_json(d / "tokenizer_config.json"), _read_json(d / "config.json")
+    ranks = _mergeable_ranks(tj, added, d)
+    tokenizer_config, config = _read_json(d / "tokenizer_config.json"), _read_json(d / "config.json")
     id_to_added = {i: t for t, i in added.items()}
-    eos = _content(tcfg.get("eos_token")) or id_to_added.get((_ids(hf.get("eos_token_id")) or [None])[0])
+    config_eos = _ids(config.get("eos_token_id"))
+    eos = _content(tokenizer_config.get("eos_token")) or (id_to_added.get(config_eos[0]) if config_eos else None)
     if eos not in added:
         raise ValueError(f"{d}: EOS {eos!r} is not an added token of tokenizer.json")
     bos = _prepended_token(tj.get("post_processor") or {})
-    stops = {eos, bos} | {id_to_added.get(i) for i in _ids(hf.get("eos_token_id")) +
-                          _ids(_read_json(d / "generation_config.json").get("eos_token_id"))}
-    candidates = [_content(tcfg.get("pad_token")), "<|finetune_right_pad_id|>", PAD_TOKEN, "<pad>", "[PAD]",
-                  *sorted((t for t in added if t.startswith("<|reserved_special_token_")), key=added.get)]
-    pad = next((t for t in candidates if t in added and t not in stops), None)
+    stop_ids = config_eos + _ids(_read_json(d / "generation_config.json").get("eos_token_id"))
+    pad = _choose_pad(added, tokenizer_config, {eos, bos} | {id_to_added.get(i) for i in stop_ids})
     specials = dict(added)
-    if pad is None:  # a new token after every id the tokenizer knows
-        pad, specials[PAD_TOKEN] = PAD_TOKEN, max([*vocab.values(), *added.values()]) + 1
+    if pad is None:
+        pad, specials[PAD_TOKEN] = PAD_TOKEN, max([*ranks.values(), *added.values()]) + 1
     encoding = tiktoken.Encoding(name=f"hf:{d.name}", pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
     text_tokens = [t["content"] for t in tj.get("added_tokens", []) if not t.get("special")]
     return HFTokenizer(encoding, f"hf:{d}", eos_token=eos, pad_token=pad, bos_token=bos, nfc=norm == "NFC",

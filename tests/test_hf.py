@@ -411,7 +411,7 @@ def test_sentencepiece_tokenizers_are_refused_with_what_is_supported(tmp_path):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
     (tmp_path / "tokenizer.model").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="SentencePiece cannot be expressed"):
+    with pytest.raises(FileNotFoundError, match="tokenizer.model is SentencePiece, which tiktoken cannot express"):
         load_tokenizer(tmp_path)
 
 
