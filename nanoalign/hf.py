@@ -291,7 +291,8 @@ def load_hf_model(path, device="cpu", dtype=None):
     if grow:  # one more row, the mean of the others (see the module docstring)
         cfg.vocab_size += 1
         for name in ("tok_emb.weight", "lm_head.weight"):
-            state[name] = torch.cat([state[name], state[name].mean(0, keepdim=True)])  # (V+1, C)
+            mean_row = state[name].float().mean(0, keepdim=True).to(dtype)          # (1, C), averaged in fp32
+            state[name] = torch.cat([state[name], mean_row])                        # (V+1, C)
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["tok_emb.weight"]
         with torch.device("meta"):

@@ -123,7 +123,7 @@ def hf_logits(hf_model, ids):
 def test_logits_match_transformers(family):
     name, _, hf_model, model, tok = family
     V = hf_model.config.vocab_size
-    ids = torch.randint(0, tok.vocab_size - 1, (2, 20), generator=torch.Generator().manual_seed(1)) % V
+    ids = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(ids)
     assert ours.dtype == torch.float32 and model.cfg.vocab_size in (V, V + 1)
@@ -413,6 +413,19 @@ def test_sentencepiece_tokenizers_are_refused_with_what_is_supported(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="tokenizer.model is SentencePiece, which tiktoken cannot express"):
         load_tokenizer(tmp_path)
+
+
+def test_merges_out_of_id_order_are_refused(tokenizer_dirs, tmp_path):
+    """tiktoken ranks merges by the merged token's id; a vocabulary whose ids disagree with the merge order
+    would silently encode differently from HF, so it is an error."""
+    d = layout_copy(tokenizer_dirs["gpt2"], tmp_path / "swapped", None)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    first, last = ("".join(m) for m in (tj["model"]["merges"][0], tj["model"]["merges"][-1]))
+    vocab = tj["model"]["vocab"]
+    vocab[first], vocab[last] = vocab[last], vocab[first]
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match="ids do not follow the merge order"):
+        load_tokenizer(d)
 
 
 def test_missing_safetensors_names_the_extra(qwen2_dir, monkeypatch):
