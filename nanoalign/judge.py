@@ -37,6 +37,11 @@ class Annotator(Protocol):
         """(N,) float32 probability that first[i] is the better response to prompts[i]; 0.5 means no preference."""
 
 
+def score_preference(first_scores, second_scores):
+    """P(first better) from two scores (N,): 1 if the first is higher, 0 if lower, 0.5 if equal."""
+    return (torch.sign(first_scores - second_scores) + 1) / 2
+
+
 class ScoreAnnotator:
     """The response with the higher score wins. `score(prompts, responses) -> (N,)` (a reward model, the gold
     reward); ties (equal scores, e.g. identical responses) give 0.5."""
@@ -47,8 +52,7 @@ class ScoreAnnotator:
     @torch.no_grad()
     def prefer(self, prompts, first, second):
         scores = self.score(prompts + prompts, first + second).float().cpu()  # one call for both: (2N,)
-        n = len(prompts)
-        return (torch.sign(scores[:n] - scores[n:]) + 1) / 2  # 1 if first scores higher, 0 if lower, 0.5 if equal
+        return score_preference(scores[:len(prompts)], scores[len(prompts):])
 
 
 def debiased_logodds(logodds_first_in_a, logodds_second_in_a):
