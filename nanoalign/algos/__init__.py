@@ -23,6 +23,10 @@ ALGORITHMS = {
     "coh": ("coh:CoH", {}),
     "rm": ("rm:RewardTrainer", {}),
     "ppo": ("ppo:PPO", {}),
+    "online_dpo": ("online_dpo:OnlineDPO", {}),
+    "rloo": ("rloo:RLOO", {}),
+    "grpo": ("grpo:GRPO", {}),
+    "raft": ("raft:RAFT", {}),
 }
 
 
