@@ -1,13 +1,89 @@
-"""The one log-prob helper every algorithm uses: shift, gather, mask, sum and count of completion tokens."""
+"""The one log-prob helper every algorithm uses: shift, gather, mask, sum and count of completion tokens.
+
+Two implementations of the same numbers (tests/test_speed_equivalence.py checks values and gradients agree):
+  batch_logps_plain  the readable reference: logits at every position (B, T, V), then cross_entropy.
+  batch_logps        what training runs: the model returns hidden states, and the vocabulary projection,
+                     log-softmax and gather run only at completion positions, a chunk of rows at a time, with
+                     the chunk's logits recomputed in backward (CompletionLogps). No (B, T, V) tensor exists in
+                     any dtype, so memory no longer grows with B * T * vocab (150k for Qwen) and the lm_head
+                     matmul skips prompt and padding positions. It falls back to the plain version for models
+                     whose lm_head is not a bias-free nn.Linear (e.g. a LoRA-wrapped head).
+"""
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk (rows x vocab): 128 MB in float32
+USE_FUSED_HEAD = True  # False: batch_logps runs the plain version (for debugging and the benchmark's ablation)
 
 
 def token_logps(logits, targets):
-    """log p(target) per position. logits (B, T, V), targets (B, T) -> (B, T) float32.
-    cross_entropy fuses log-softmax and gather, so no separate (B, T, V) log-prob tensor is kept."""
+    """log p(target) per position. logits (B, T, V), targets (B, T) -> (B, T) float32 (plain version)."""
     B, T, V = logits.shape
     return -F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T), reduction="none").view(B, T)
+
+
+def batch_logps_plain(model, input_ids, loss_mask, attention_mask=None, temperature=1.0):
+    """Reference version of batch_logps: full logits, then token_logps on every position."""
+    logits = model(input_ids, attention_mask)[:, :-1]          # (B, T-1, V): position t predicts token t+1
+    if temperature != 1.0:
+        logits = logits / temperature                          # the sampling distribution of a rollout
+    mask = loss_mask[:, 1:].float()                            # (B, T-1)
+    per_token = token_logps(logits, input_ids[:, 1:]) * mask   # (B, T-1)
+    return per_token.sum(-1), mask.sum(-1), per_token
+
+
+class CompletionLogps(torch.autograd.Function):
+    """out_i = log softmax(z_i)[t_i] with z_i = h_i W^T / temperature, for N rows of h, `chunk` rows at a time.
+
+    Backward recomputes each chunk's logits instead of saving them: d out_i / d z_ij = 1[j = t_i] - softmax(z_i)_j,
+    so dL/dz = g_i (onehot(t_i) - p_i) / temperature, dL/dh = dL/dz W and dL/dW = dL/dz^T h (summed over chunks).
+    Memory: O(chunk x V) for any N. Cost: one more (N x C x V) matmul in backward (3 instead of 2 + saved logits).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk):
+        N = hidden.shape[0]                                                    # hidden (N, C), weight (V, C)
+        out = torch.empty(N, device=hidden.device, dtype=torch.float32)       # (N,)
+        lse = torch.empty(N, device=hidden.device, dtype=torch.float32)       # (N,) log sum_j exp(z_ij)
+        for s in range(0, N, chunk):
+            z = (hidden[s:s + chunk] @ weight.T).float() / temperature         # (n, V) this chunk's logits
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)                                  # (N, C)
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)  # (V, C), fp32 sum
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, t, g = hidden[s:s + ctx.chunk], targets[s:s + ctx.chunk], grad_out[s:s + ctx.chunk]
+            z = (h @ weight.T).float() / ctx.temperature                       # (n, V) recomputed logits
+            dz = torch.exp(z - lse[s:s + ctx.chunk, None]).mul_(-g[:, None])   # -g_i p_ij
+            dz.scatter_add_(1, t[:, None], g[:, None])                         # + g_i at j = t_i
+            dz = (dz / ctx.temperature).to(hidden.dtype)                       # (n, V) dL/d(h W^T)
+            grad_hidden[s:s + ctx.chunk] = dz @ weight
+            grad_weight += (dz.T @ h).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def hidden_states_and_head(model, input_ids, attention_mask):
+    """(hidden states (B, T, C) before the head, the head) through `model`'s own forward, so DDP's gradient hooks
+    and torch.compile still apply to a wrapped model: its lm_head is swapped for Identity during the call.
+    None if the head is not a bias-free nn.Linear."""
+    core = getattr(model, "module", model)                       # DDP wraps in .module
+    core = getattr(core, "_orig_mod", core)                      # torch.compile wraps in ._orig_mod
+    head = getattr(core, "lm_head", None)
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    core.lm_head = nn.Identity()
+    try:
+        return model(input_ids, attention_mask), head
+    finally:
+        core.lm_head = head
 
 
 def batch_logps(model, input_ids, loss_mask, attention_mask=None, temperature=1.0):
@@ -16,10 +92,19 @@ def batch_logps(model, input_ids, loss_mask, attention_mask=None, temperature=1.
     input_ids, loss_mask: (B, T), loss_mask[:, t] = 1 where token t is a completion token (EOS included).
     Returns logps (B,), counts (B,), token_logps (B, T-1) where token_logps[:, t] = log p(input_ids[:, t+1]),
     zero where masked. A fully masked row gives logps = 0 and counts = 0 (average with counts.clamp(min=1): no NaN).
+    Same values as batch_logps_plain; logits exist only for completion positions, one chunk at a time.
     """
-    logits = model(input_ids, attention_mask)[:, :-1]          # (B, T-1, V): position t predicts token t+1
-    if temperature != 1.0:
-        logits = logits / temperature                          # the sampling distribution of a rollout
+    found = hidden_states_and_head(model, input_ids, attention_mask) if USE_FUSED_HEAD else None
+    if found is None:
+        return batch_logps_plain(model, input_ids, loss_mask, attention_mask, temperature)
+    hidden, head = found                                       # (B, T, C)
     mask = loss_mask[:, 1:].float()                            # (B, T-1)
-    per_token = token_logps(logits, input_ids[:, 1:]) * mask   # (B, T-1)
-    return per_token.sum(-1), mask.sum(-1), per_token
+    where = mask != 0                                          # completion positions t predict token t+1
+    weight = head.weight
+    if torch.is_autocast_enabled(hidden.device.type):          # the dtype autocast would give the lm_head matmul
+        weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+    rows = hidden[:, :-1][where].to(weight.dtype)              # (N, C), N = number of completion tokens
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    values = CompletionLogps.apply(rows, weight, input_ids[:, 1:][where], float(temperature), chunk)  # (N,)
+    per_token = torch.zeros(mask.shape, device=mask.device, dtype=values.dtype).index_put((where,), values) * mask
+    return per_token.sum(-1), mask.sum(-1), per_token          # (B,), (B,), (B, T-1)
