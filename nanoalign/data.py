@@ -220,6 +220,7 @@ def load_examples(path, fmt: str, tok, max_len: int, max_prompt_len: int | None 
 
 
 # ---------------------------------------------------------------------------------------------- batching
+BUCKET_BY_LENGTH = True  # micro_batches' default: sort each global batch by length (benchmarks switch it off)
 TOKEN_FIELDS = ("input_ids", "loss_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "prompt_ids")
 
 
@@ -259,21 +260,45 @@ def _pad(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> dic
     return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
 
 
+def row_lengths(example) -> list[int] | None:
+    """Lengths of the rows an example adds to a collated batch (a preference pair: chosen and rejected); None when
+    the example is not a tokenised dict (then micro_batches does not bucket)."""
+    if not isinstance(example, dict):
+        return None
+    if "chosen_ids" in example:
+        return [len(example["chosen_ids"]), len(example["rejected_ids"])]
+    for name in ("input_ids", "prompt_ids"):
+        if name in example:
+            return [len(example[name])]
+    return None
+
+
 def micro_batches(examples: list, micro_batch_size: int, grad_accum: int, rank: int, world_size: int,
-                  seed: int, start_step: int, collate_fn: Callable[[list], dict]) -> Iterator[dict]:
+                  seed: int, start_step: int, collate_fn: Callable[[list], dict],
+                  bucket: bool | None = None) -> Iterator[dict]:
     """Yield this rank's micro-batches forever, grad_accum per optimizer step, starting at start_step.
 
     The global batch of step s (micro_batch_size * grad_accum * world_size examples) is the s-th
     consecutive slice of the epoch's permutation (torch.randperm seeded with seed + epoch; the last
-    partial global batch of an epoch is dropped). It is cut into
-    world_size * grad_accum chunks and rank r's micro-step m gets chunk r * grad_accum + m, so every
-    (world_size, grad_accum) split of one global batch size trains on the same examples per step, and a
-    resumed run (start_step = steps done) continues exactly where the crashed one stopped.
+    partial global batch of an epoch is dropped). It is cut into world_size * grad_accum chunks of
+    micro_batch_size examples, so every (world_size, grad_accum) split of one global batch size trains on the
+    same examples per step, and a resumed run (start_step = steps done) continues exactly where the crashed one
+    stopped.
+    Without bucketing, rank r's micro-step m gets chunk r * grad_accum + m of the permutation's order.
+    With bucketing (bucket=None -> BUCKET_BY_LENGTH, on; only for tokenised examples) the global batch is first
+    sorted by length (stable: ties keep the permutation's order) before it is cut, so each micro-batch holds
+    similar lengths and is padded less; sorted chunk j goes to rank j % world_size, micro-step j // world_size, so
+    ranks get similar lengths. The chunks of a step depend only on the global batch and micro_batch_size, so DDP
+    with W ranks x grad_accum A computes the same micro-batches as one process with grad_accum W * A, and
+    per-example-mean losses (DPO, KTO, ORPO's odds ratio) get the same step gradient as without bucketing.
+    Token-mean losses (SFT) weigh tokens by their micro-batch's total, as TRL's group_by_length does. Nothing
+    changes when grad_accum * world_size == 1.
     """
     global_batch = micro_batch_size * grad_accum * world_size
     if len(examples) < global_batch:
         raise DataError(f"the dataset has {len(examples)} examples, fewer than one global batch of {global_batch} "
                         f"(micro_batch_size {micro_batch_size} x grad_accum {grad_accum} x world_size {world_size})")
+    bucket = (BUCKET_BY_LENGTH if bucket is None else bucket) and row_lengths(examples[0]) is not None
     step, cached_epoch, permutation = start_step, None, None
     steps_per_epoch = len(examples) // global_batch
     while True:
@@ -281,8 +306,28 @@ def micro_batches(examples: list, micro_batch_size: int, grad_accum: int, rank: 
         if epoch != cached_epoch:  # one permutation per epoch, shared by all ranks through the seed
             generator = torch.Generator().manual_seed(seed + epoch)
             permutation, cached_epoch = torch.randperm(len(examples), generator=generator).tolist(), epoch
-        batch_start = step_in_epoch * global_batch
+        batch = permutation[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch]
+        if bucket:
+            batch = sorted(batch, key=lambda i: max(row_lengths(examples[i])))  # stable: ties keep their order
+            chunks = [batch[j * micro_batch_size:(j + 1) * micro_batch_size] for j in range(grad_accum * world_size)]
+            # back to the rank-major layout read below: (rank r, micro-step m) <- sorted chunk m * world_size + r
+            batch = [i for r in range(world_size) for m in range(grad_accum) for i in chunks[m * world_size + r]]
         for micro_step in range(grad_accum):
-            chunk_start = batch_start + (rank * grad_accum + micro_step) * micro_batch_size
-            yield collate_fn([examples[i] for i in permutation[chunk_start:chunk_start + micro_batch_size]])
+            chunk_start = (rank * grad_accum + micro_step) * micro_batch_size
+            yield collate_fn([examples[i] for i in batch[chunk_start:chunk_start + micro_batch_size]])
         step += 1
+
+
+def padding_fraction(examples: list, micro_batch_size: int, grad_accum: int, world_size: int, seed: int = 0,
+                     bucket: bool | None = None) -> float:
+    """Fraction of the positions in one epoch's right-padded micro-batches that are padding (all ranks together).
+    A preference micro-batch pads its 2B chosen and rejected rows to one length, as collate does."""
+    global_batch = micro_batch_size * grad_accum * world_size
+    real, total = 0, 0
+    for rank in range(world_size):
+        stream = micro_batches(examples, micro_batch_size, grad_accum, rank, world_size, seed, 0,
+                               lambda chunk: [n for e in chunk for n in row_lengths(e)], bucket)
+        for _ in range(len(examples) // global_batch * grad_accum):
+            lengths = next(stream)
+            real, total = real + sum(lengths), total + len(lengths) * max(lengths)
+    return 1 - real / total
