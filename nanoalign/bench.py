@@ -1,0 +1,340 @@
+"""Speed and memory benchmark: python -m nanoalign.bench [--key=a,b ...]
+
+For each device x model x dtype x algorithm (x ablation switches) it runs a few optimizer steps of the real
+Algorithm (its batches() and loss(), the trainer's step: autocast, backward, clipping, AdamW) on random weights and
+synthetic data, each config in a FRESH subprocess so peak memory (CUDA max allocated, or the process's peak RSS on
+CPU) is that config's own. It prints tokens/s, seconds per step (split into data/rollout time and update time),
+peak memory, and model-FLOPs utilisation against a matmul peak measured on the same device in the same dtype.
+
+    python -m nanoalign.bench                                 # everything (slow on a CPU: minutes per large model)
+    python -m nanoalign.bench --algos=dpo,sft --models=toy,gpt2 --dtypes=bf16
+    python -m nanoalign.bench --algos=dpo --models=gpt2 --logps=fused,plain --bucket=1,0   # the ablations
+    python -m nanoalign.bench --peers                         # vs TRL and transformers (nanoalign/bench_peers.py)
+
+Keys (comma lists): algos (sft, dpo, kto, orpo, rm, ppo, generate, or any registry name), models (toy, gpt2,
+gpt2m, llama), dtypes (fp32, bf16), devices (cpu, cuda; default both where available), logps (fused = batch_logps,
+plain = batch_logps_plain), bucket (1 = length-bucketed micro-batches, 0 = plain order), ref_logps (precompute,
+live), compile (0, 1); scalars: steps, warmup, repeats (runs of each config; the median is shown), json (path),
+threads (torch.set_num_threads in each run; default torch's own), clock (wall, or cpu = the process's CPU seconds:
+steadier than wall time on a machine shared with other jobs, and equal to it on an idle one with threads=1).
+Tokens are the non-padding tokens of every sequence the step runs through the policy; model FLOPs follow
+nanoGPT / PaLM: 6 N + 12 L d T per trained token (N = parameters of the linear layers, the tied head counted
+once as a matmul), 2 N + 4 L d T per token forwarded without gradient (KTO's mismatched pairs, a live reference).
+Generation counts 2 N + 4 L d T per prompt and generated token. Algorithms not in the registry are skipped with a
+note, and so is one whose constructor needs more than data (e.g. a reward-model path).
+"""
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODELS = {  # name: (model keyword arguments, CPU workload, CUDA workload)
+    "toy": (dict(arch="gpt2", vocab_size=1024, block_size=128, n_layer=4, n_head=4, n_embd=128),
+            dict(prompt=(4, 16), completion=(8, 40), batch=32, micro=8),
+            dict(prompt=(4, 16), completion=(8, 40), batch=256, micro=64)),
+    "gpt2": (dict(arch="gpt2", vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),  # 124M
+             dict(prompt=(16, 64), completion=(16, 128), batch=8, micro=4),
+             dict(prompt=(64, 256), completion=(64, 256), batch=64, micro=16)),
+    "gpt2m": (dict(arch="gpt2", vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),  # 355M
+              dict(prompt=(16, 64), completion=(16, 128), batch=4, micro=2),
+              dict(prompt=(64, 256), completion=(64, 256), batch=64, micro=16)),
+    "llama": (dict(arch="llama", vocab_size=151936, block_size=1024, n_layer=24, n_head=14, n_kv_head=2,  # 494M,
+                   n_embd=896, mlp_hidden=4864, qkv_bias=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6),
+              dict(prompt=(16, 48), completion=(16, 80), batch=2, micro=2),  # the Qwen2.5-0.5B shape
+              dict(prompt=(64, 256), completion=(64, 256), batch=32, micro=8)),
+}
+ROLLOUT = dict(cpu=dict(batch=64, prompt=16, new=48), cuda=dict(batch=256, prompt=64, new=192))  # PPO rollout shape
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+DEFAULTS = dict(algos="sft,rm,dpo,kto,orpo,ppo,generate", models="toy,gpt2,llama", dtypes="fp32,bf16", devices="",
+                logps="fused", bucket="1", ref_logps="precompute", compile="0", steps="", warmup="", repeats="1",
+                json="", peers=False, threads="", clock="wall")
+
+
+# ------------------------------------------------------------------------------------------ one config (child)
+def build_model(name, device):
+    from nanoalign.model import GPT, GPTConfig, llama_config
+    kw = dict(MODELS[name][0])
+    make = llama_config if kw.pop("arch") == "llama" else GPTConfig
+    torch.manual_seed(0)
+    return GPT(make(**kw)).to(device)
+
+
+def linear_params(model):
+    """N of the FLOP count: weights of the linear layers (a tied head counted once, as the matmul it is)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def random_text(rng, n):
+    """n ASCII characters = n tokens of the bytes tokenizer."""
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz     ") for _ in range(n))
+
+
+def write_data(path, fmt, workload, n_rows, seed=0):
+    rng = random.Random(seed)
+    length = lambda key: rng.randint(*workload[key])  # noqa: E731
+    with open(path, "w") as f:
+        for _ in range(n_rows):
+            row = {"prompt": random_text(rng, length("prompt"))}
+            if fmt == "preference":
+                row["chosen"], row["rejected"] = random_text(rng, length("completion")), random_text(rng, length("completion"))
+            elif fmt in ("sft", "binary"):
+                row["completion"], row["label"] = random_text(rng, length("completion")), rng.random() < 0.5
+            f.write(json.dumps(row) + "\n")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+clock = time.perf_counter  # run_one switches it to time.process_time for --clock=cpu
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
+
+
+def matmul_peak(device, dtype, n=None, repeats=10):
+    """Best GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in `dtype`: the MFU denominator."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = clock()
+        a @ b
+        sync(device)
+        best = min(best, clock() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def set_switches(spec):
+    import nanoalign.data
+    import nanoalign.logps
+    nanoalign.logps.USE_FUSED_HEAD = spec["logps"] == "fused"
+    nanoalign.data.BUCKET_BY_LENGTH = spec["bucket"] == "1"
+
+
+def attention_flops_per_token(model, T):
+    c = model.cfg
+    return 4 * c.n_layer * c.n_head * c.head_dim * T  # QK^T and AV, forward, full (not causal-halved) T x T
+
+
+def bench_generate(spec, device, model, autocast):
+    """The PPO rollout's core: generate() with sampling on a ragged-free batch of prompts, timed per call."""
+    shape = ROLLOUT[device.type]
+    g = torch.Generator(device=device).manual_seed(0)
+    prompts = torch.randint(0, 256, (shape["batch"], shape["prompt"]), generator=g, device=device).tolist()
+    model.eval()
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        sync(device)
+        t0 = clock()
+        with autocast():
+            out = model.generate(prompts, shape["new"], temperature=1.0, eos_id=None, generator=g)
+        sync(device)
+        if i >= spec["warmup"]:
+            times.append(clock() - t0)
+    new_tokens = int(out.mask.sum())
+    N, T = linear_params(model), shape["prompt"] + shape["new"]
+    flops = (shape["batch"] * shape["prompt"] + new_tokens) * (2 * N + attention_flops_per_token(model, T / 2))
+    return dict(tokens=new_tokens, step_s=statistics.median(times), data_s=0.0, flops=flops,
+                shape=f"B={shape['batch']} P={shape['prompt']} new={shape['new']}")
+
+
+def batch_tokens(batch, pad_id):
+    """(tokens trained, their padded length, tokens forwarded without gradient) of one micro-batch."""
+    ids = batch.get("input_ids")
+    if ids is None:  # a prompt batch (online algorithms): ragged lists
+        return 0, 0, 0
+    no_grad = int((batch["kl_input_ids"] != pad_id).sum()) if "kl_input_ids" in batch else 0
+    return int((ids != pad_id).sum()), ids.shape[1], no_grad
+
+
+def bench_algorithm(spec, device, model, autocast, workdir):
+    """Warmup + timed optimizer steps of the registered algorithm, exactly as trainer.train runs a step."""
+    from nanoalign.algos import ALGORITHMS, get_algorithm, variant_defaults
+    from nanoalign.config import load_config
+    from nanoalign.tokenizer import get_tokenizer
+    from nanoalign.trainer import Context, make_optimizer, to_device
+    algo_cls = get_algorithm(spec["algo"])
+    workload = MODELS[spec["model"]][1 if device.type == "cpu" else 2]
+    steps = spec["warmup"] + spec["steps"]
+    data = Path(workdir) / "data.jsonl"
+    fmt = "sft" if algo_cls.data_format == "text" else algo_cls.data_format
+    write_data(data, "preference" if fmt == "binary" else fmt, workload, n_rows=2 * workload["batch"])
+    args = [f"--algo={spec['algo']}", f"--data={data}", f"--batch_size={workload['batch']}",
+            f"--micro_batch_size={workload['micro']}", f"--max_len={model.cfg.block_size}",
+            f"--block_size={model.cfg.block_size}", f"--max_steps={steps}", "--init_from=scratch", "--tokenizer=bytes",
+            f"--out_dir={workdir}", f"--dtype={DTYPES[spec['dtype']]}", "--dropout=0.0"]
+    if algo_cls.Config is not None and "ref_logps" in {f.name for f in dataclasses.fields(algo_cls.Config)}:
+        args.append(f"--ref_logps={spec['ref_logps']}")
+    cfg = load_config(args, lambda name: get_algorithm(name).Config, overrides=variant_defaults(spec["algo"]))
+    tokenizer = get_tokenizer("bytes")
+    ctx = Context(device, 0, 1, workload["micro"], workload["batch"] // workload["micro"], autocast)
+    t0 = clock()
+    algo = algo_cls(cfg, model, tokenizer, ctx)  # DPO/KTO precompute the reference log-probs here
+    setup_s = clock() - t0
+    module = algo.module.to(device)
+    optimizer = make_optimizer(module, cfg, device)
+    net = torch.compile(module) if spec["compile"] == "1" else module
+    batches = algo.batches(0)
+    module.train()
+    rows, N = [], linear_params(model)
+    for step in range(steps):
+        tokens = flops = padded = real = 0
+        sync(device)
+        t_start, data_s = clock(), 0.0
+        for _ in range(ctx.grad_accum):
+            t0 = clock()
+            batch = to_device(next(batches), device)  # online algorithms roll out here
+            sync(device)
+            data_s += clock() - t0
+            with autocast():
+                loss, _ = algo.loss(net, batch)
+            (loss / ctx.grad_accum).backward()
+            trained, T, no_grad = batch_tokens(batch, tokenizer.pad_id)
+            tokens += trained + no_grad
+            flops += trained * (6 * N + 3 * attention_flops_per_token(model, T)) + no_grad * (
+                2 * N + attention_flops_per_token(model, T))
+            real, padded = real + trained, padded + (batch["input_ids"].numel() if "input_ids" in batch else 0)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        rows.append(dict(step_s=clock() - t_start, data_s=data_s, tokens=tokens, flops=flops,
+                         pad=1 - real / padded if padded else 0.0))
+    timed = rows[spec["warmup"]:]
+    median = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
+    return dict(tokens=median("tokens"), step_s=median("step_s"), data_s=median("data_s"), flops=median("flops"),
+                pad=median("pad"), setup_s=setup_s,
+                shape=f"batch={workload['batch']} micro={workload['micro']} prompt={workload['prompt']} "
+                      f"completion={workload['completion']}")
+
+
+def run_one(spec):
+    """One config in this (fresh) process -> a result dict."""
+    global clock
+    clock = time.process_time if spec["clock"] == "cpu" and spec["device"] == "cpu" else time.perf_counter
+    if spec["threads"]:
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    if spec["algo"] == "matmul":
+        return dict(gflops=matmul_peak(device, getattr(torch, DTYPES[spec["dtype"]])))
+    set_switches(spec)
+    bf16 = spec["dtype"] == "bf16"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    model = build_model(spec["model"], device)
+    with tempfile.TemporaryDirectory() as workdir:
+        if spec["algo"] == "generate":
+            result = bench_generate(spec, device, model, autocast)
+        else:
+            result = bench_algorithm(spec, device, model, autocast, workdir)
+    result.update(params=sum(p.numel() for p in model.parameters()), peak_mb=peak_memory_mb(device))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ driver (parent)
+def child(spec, timeout=3600):
+    """Run one config in a fresh interpreter; its last stdout line is the JSON result."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-m", "nanoalign.bench", f"--child={json.dumps(spec)}"],
+                         capture_output=True, text=True, timeout=timeout, env=env)
+    if run.returncode != 0:
+        lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+        return {"error": lines[-1] if lines else f"exit code {run.returncode}"}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def parse_args(argv):
+    opts = dict(DEFAULTS)
+    for arg in argv:
+        key, has_value, value = arg.removeprefix("--").partition("=")
+        if key not in opts and key != "child":
+            raise SystemExit(f"unknown option --{key}; known: {', '.join('--' + k for k in DEFAULTS)}")
+        opts[key] = value if has_value else True
+    return opts
+
+
+def available_algos(names):
+    """(names to run, notes on the ones skipped)."""
+    from nanoalign.algos import ALGORITHMS
+    run, notes = [], []
+    for name in names:
+        if name == "generate" or name in ALGORITHMS:
+            run.append(name)
+        else:
+            notes.append(f"{name}: not in the registry yet (nanoalign/algos/__init__.py), skipped")
+    return run, notes
+
+
+def format_table(results):
+    head = ["device", "model", "params", "dtype", "algo", "variant", "tokens/step", "step s", "(data s)",
+            "tokens/s", "peak MB", "MFU %", "pad %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['device']} | {r['model']} | | {r['dtype']} | {r['algo']} | {r['variant']} | "
+                         f"failed: {r['error'][:120]} |")
+            continue
+        mfu = 100 * r["flops"] / r["step_s"] / (r["peak_gflops"] * 1e9)
+        lines.append(f"| {r['device']} | {r['model']} | {r['params'] / 1e6:.0f}M | {r['dtype']} | {r['algo']} | "
+                     f"{r['variant']} | {r['tokens']:.0f} | {r['step_s']:.3f} | {r['data_s']:.3f} | "
+                     f"{r['tokens'] / r['step_s']:.0f} | {r['peak_mb']:.0f} | {mfu:.1f} | "
+                     f"{100 * r.get('pad', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    if "child" in opts:
+        print(json.dumps(run_one(json.loads(opts["child"]))))
+        return
+    if opts["peers"]:
+        from nanoalign.bench_peers import main as peers_main
+        return peers_main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--peers"])
+    split = lambda key: [v for v in str(opts[key]).split(",") if v]  # noqa: E731
+    devices = split("devices") or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    algos, notes = available_algos(split("algos"))
+    switches = [dict(zip(("logps", "bucket", "ref_logps", "compile"), combo))
+                for combo in itertools.product(split("logps"), split("bucket"), split("ref_logps"), split("compile"))]
+    results = []
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""), flush=True)
+    for device, dtype in itertools.product(devices, split("dtypes")):
+        common = dict(threads=opts["threads"], clock=opts["clock"])
+        peak = child(dict(algo="matmul", device=device, dtype=dtype, **common))["gflops"]
+        print(f"{device} {dtype}: matmul peak {peak:.0f} GFLOP/s", flush=True)
+        for model, algo, switch in itertools.product(split("models"), algos, switches):
+            big = model != "toy"
+            spec = dict(device=device, dtype=dtype, model=model, algo=algo, **switch, **common,
+                        warmup=int(opts["warmup"] or 1), steps=int(opts["steps"] or (2 if big else 5)))
+            runs = [child(spec) for _ in range(int(opts["repeats"]))]
+            ok = [r for r in runs if "error" not in r]
+            result = min(ok, key=lambda r: abs(r["step_s"] - statistics.median(x["step_s"] for x in ok))) if ok else runs[0]
+            variant = ",".join(f"{k}={v}" for k, v in switch.items() if str(v) != DEFAULTS[k])
+            results.append({**spec, **result, "variant": variant or "default", "peak_gflops": peak})
+            print(format_table(results[-1:]).splitlines()[-1], flush=True)
+    print("\n" + format_table(results))
+    for note in notes:
+        print("note:", note)
+    if opts["json"]:
+        Path(opts["json"]).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

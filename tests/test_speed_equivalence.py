@@ -1,0 +1,314 @@
+"""Every speed optimisation against its plain version: the chunked completion log-probs (values, gradients, no
+(B, T, V) tensor, through DDP and torch.compile wrappers) and length-bucketed micro-batches (same examples per
+step, same chunks under any (world, accum) split, exact resume, less padding, same DPO step); and a benchmark smoke run.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nanoalign.data
+import nanoalign.logps
+from nanoalign.data import micro_batches, padding_fraction
+from nanoalign.logps import batch_logps, batch_logps_plain
+from nanoalign.model import GPT, GPTConfig, llama_config
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 97
+CONFIGS = {
+    "gpt2": GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32),
+    "llama": llama_config(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32),
+}
+
+
+def make(name, seed=0):
+    torch.manual_seed(seed)
+    return GPT(CONFIGS[name])
+
+
+def batch(seed=0, B=4, T=20):
+    """Ragged completions: row 0 from 5 on, row 1 a span in the middle, row 2 fully masked, row 3 from 2 on."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.zeros(B, T)
+    mask[0, 5:], mask[1, 10:15], mask[3, 2:] = 1, 1, 1
+    return ids, mask
+
+
+def values_and_grads(fn, model, ids, mask, temperature=1.0):
+    """logps, counts, token_logps and every parameter's gradient of a loss that reads both outputs."""
+    model.zero_grad(set_to_none=True)
+    logps, counts, per_token = fn(model, ids, mask, temperature=temperature)
+    (logps.sum() + (per_token ** 2).sum()).backward()  # the per-token output is used by PPO-style losses
+    core = getattr(model, "module", getattr(model, "_orig_mod", model))  # names without a DDP/compile prefix
+    grads = {name: p.grad.clone() for name, p in core.named_parameters()}
+    return logps.detach(), counts, per_token.detach(), grads
+
+
+def assert_same(a, b, rtol, atol):
+    """Outputs elementwise; gradients relative to each tensor's largest entry (summation order differs)."""
+    for x, y in zip(a[:3], b[:3]):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+    assert a[3].keys() == b[3].keys()
+    for name in a[3]:
+        scale = b[3][name].abs().max().item()
+        assert (a[3][name] - b[3][name]).abs().max().item() <= rtol * scale + atol, name
+
+
+# ---------------------------------------------------------------------------------------- chunked log-probs
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])  # a chunk per row, ragged chunks, one chunk
+def test_fused_logps_equal_plain_values_and_gradients(name, temperature, chunk_rows, monkeypatch):
+    monkeypatch.setattr(nanoalign.logps, "CHUNK_ELEMENTS", chunk_rows * V)
+    model = make(name)
+    ids, mask = batch()
+    plain = values_and_grads(batch_logps_plain, model, ids, mask, temperature)
+    fused = values_and_grads(batch_logps, model, ids, mask, temperature)
+    assert_same(fused, plain, rtol=1e-5, atol=1e-5)
+    assert fused[1].tolist() == [15.0, 5.0, 0.0, 18.0] and fused[0][2] == 0  # counts; the masked row sums to 0
+    assert type(model.lm_head) is torch.nn.Linear  # the head is back after the hidden-states call
+
+
+def test_fused_logps_close_to_plain_under_bf16_autocast():
+    """bf16 rounds the logits differently in the two paths (one big matmul vs chunks), so close, not equal."""
+    model = make("llama")
+    ids, mask = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = values_and_grads(batch_logps_plain, model, ids, mask)
+        fused = values_and_grads(batch_logps, model, ids, mask)
+    torch.testing.assert_close(fused[0], plain[0], rtol=2e-2, atol=0.1)
+    for name in plain[3]:
+        scale = plain[3][name].abs().max().item()
+        assert (fused[3][name] - plain[3][name]).abs().max().item() <= 5e-2 * scale + 1e-6, name
+
+
+def test_fractional_mask_weights_and_plain_switch(monkeypatch):
+    """A loss_mask of weights is applied as the plain version applies it; USE_FUSED_HEAD=False is the plain path."""
+    model = make("gpt2")
+    ids, mask = batch()
+    mask[0, 5:] = 0.5
+    assert_same(values_and_grads(batch_logps, model, ids, mask), values_and_grads(batch_logps_plain, model, ids, mask),
+                rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(nanoalign.logps, "USE_FUSED_HEAD", False)
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, inputs, out: seen.append(out.shape))
+    batch_logps(model, ids, mask)
+    assert seen == [(4, 20, V)]  # plain: the head ran on every position
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("fn", [batch_logps, batch_logps_plain])
+def test_no_batch_by_vocab_tensor_in_forward_or_backward(fn, monkeypatch):
+    """Vocabulary 4096, width 16, B x (T-1) = 4 x 19 positions: with 8-row chunks the fused path's largest tensor
+    is the (V, C) head weight (65536 elements; a chunk is 8 x V = 32768), the plain one holds all 4 x 20 x 4096 = 327680
+    logits."""
+    monkeypatch.setattr(nanoalign.logps, "CHUNK_ELEMENTS", 8 * 4096)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4096, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    ids, mask = batch()
+    with LargestTensor() as tracker:
+        logps, _, _ = fn(model, ids, mask)
+        logps.sum().backward()
+    if fn is batch_logps:
+        assert tracker.largest == 4096 * 16
+    else:
+        assert tracker.largest == 4 * 20 * 4096
+
+
+def test_fused_logps_through_ddp_wrapper():
+    """DDP (gloo, one rank): the forward goes through the wrapper, gradients equal the plain version's."""
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = make("llama")
+        ids, mask = batch()
+        plain = values_and_grads(batch_logps_plain, model, ids, mask)
+        wrapped = DDP(model)
+        fused = values_and_grads(batch_logps, wrapped, ids, mask)
+        assert_same(fused, plain, rtol=1e-5, atol=1e-5)
+        assert type(model.lm_head) is torch.nn.Linear
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fused_logps_through_torch_compile():
+    model = make("gpt2")
+    ids, mask = batch()
+    plain = values_and_grads(batch_logps_plain, model, ids, mask)
+    fused = values_and_grads(batch_logps, torch.compile(model), ids, mask)
+    assert_same(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- length bucketing
+def sft_examples(n, seed=0):
+    rng = random.Random(seed)
+    return [{"input_ids": [1] * rng.randint(2, 60), "loss_mask": [], "id": i} for i in range(n)]
+
+
+def stream_ids(examples, micro, accum, world, seed, steps, bucket, start_step=0):
+    """[step][rank][micro-step] -> list of example ids."""
+    streams = [micro_batches(examples, micro, accum, rank, world, seed, start_step, lambda ex: [e["id"] for e in ex],
+                             bucket) for rank in range(world)]
+    return [[[next(s) for _ in range(accum)] for s in streams] for _ in range(steps)]
+
+
+def test_bucketing_keeps_each_steps_examples_and_the_chunks_of_any_world_accum_split():
+    examples = sft_examples(40)
+    plain = stream_ids(examples, 2, 4, 1, 5, 6, bucket=False)
+    one_process = stream_ids(examples, 2, 4, 1, 5, 6, bucket=True)
+    ddp = stream_ids(examples, 2, 2, 2, 5, 6, bucket=True)  # 2 ranks x accum 2, same micro-batch size
+    for step in range(6):
+        chunks = lambda s: sorted(sorted(c) for rank in s[step] for c in rank)  # noqa: E731
+        assert chunks(one_process) == chunks(ddp)  # the same micro-batches, whoever computes them
+        assert sorted(sum(sum(plain[step], []), [])) == sorted(sum(sum(one_process[step], []), []))
+    lengths = [[max(len(examples[i]["input_ids"]) for i in c) for c in one_process[0][0]]]
+    assert lengths[0] == sorted(lengths[0])  # one process: micro-steps go from short to long
+
+
+def test_bucketing_sorted_chunks_are_dealt_round_robin_to_ranks():
+    """8 examples of lengths 8..1 (id i has length 8 - i), micro 1, accum 2, 2 ranks: sorted ids 7,6,5,4 (any
+    permutation), sorted chunk j -> rank j % 2, micro-step j // 2."""
+    examples = [{"input_ids": [0] * (8 - i), "id": i} for i in range(4)]
+    ddp = stream_ids(examples, 1, 2, 2, 0, 1, bucket=True)[0]
+    assert ddp == [[[3], [1]], [[2], [0]]]  # rank 0 gets the 1st and 3rd shortest, rank 1 the 2nd and 4th
+
+
+def test_bucketing_resume_is_exact():
+    examples = sft_examples(24)
+    straight = stream_ids(examples, 2, 2, 2, 7, 8, bucket=True)
+    resumed = stream_ids(examples, 2, 2, 2, 7, 3, bucket=True, start_step=5)
+    assert straight[5:] == resumed
+
+
+def test_padding_fraction_by_hand_and_bucketing_cuts_it():
+    """Lengths 1, 2, 3, 4 in micro-batches of 2, one step (accum 2), 10 real tokens. Sorted: [1, 2] padded to
+    2 x 2 and [3, 4] to 2 x 4 -> 12 positions, padding 2/12 = 1/6. Unsorted, another pairing may come out:
+    [1, 3] + [2, 4] or [1, 4] + [2, 3] -> 6 + 8 = 14 positions, padding 4/14 = 2/7."""
+    examples = [{"input_ids": [0] * n} for n in (1, 2, 3, 4)]
+    assert padding_fraction(examples, 2, 2, 1, bucket=True) == pytest.approx(1 / 6)
+    assert padding_fraction(examples, 2, 2, 1, bucket=False) in (pytest.approx(1 / 6), pytest.approx(2 / 7))
+    pairs = [{"chosen_ids": [0] * random.Random(i).randint(5, 50), "rejected_ids": [0] * random.Random(-i).randint(5, 50)}
+             for i in range(64)]
+    assert padding_fraction(pairs, 4, 4, 2, bucket=True) < padding_fraction(pairs, 4, 4, 2, bucket=False)
+
+
+def test_bucketing_is_the_default_and_plain_lists_are_not_sorted(monkeypatch):
+    examples = sft_examples(16)
+    assert stream_ids(examples, 2, 4, 1, 1, 2, bucket=None) == stream_ids(examples, 2, 4, 1, 1, 2, bucket=True)
+    monkeypatch.setattr(nanoalign.data, "BUCKET_BY_LENGTH", False)
+    assert stream_ids(examples, 2, 4, 1, 1, 2, bucket=None) == stream_ids(examples, 2, 4, 1, 1, 2, bucket=False)
+    ints = micro_batches(list(range(8)), 2, 2, 0, 1, 0, 0, list, bucket=True)  # not tokenised: order untouched
+    assert next(ints) == next(micro_batches(list(range(8)), 2, 2, 0, 1, 0, 0, list, bucket=False))
+
+
+# ---------------------------------------------------------------------------------------- one DPO step
+def preference_file(path, n=16, seed=0):
+    rng = random.Random(seed)
+    words = "good bad film plot great dull acting music very not".split()
+    say = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": say(rng.randint(1, 6)), "chosen": " " + say(rng.randint(1, 12)),
+                                "rejected": " " + say(rng.randint(1, 12))}) + "\n")
+    return path
+
+
+def dpo_args(data, out_dir, **kw):
+    args = dict(algo="dpo", data=data, out_dir=out_dir, init_from="scratch", tokenizer="bytes", n_layer=1, n_head=2,
+                n_embd=32, block_size=128, max_len=120, batch_size=8, micro_batch_size=2, lr=1e-2, warmup_steps=1,
+                max_steps=2, log_interval=1, dtype="float32", dropout=0.0, seed=3)
+    return [f"--{k}={v}" for k, v in {**args, **kw}.items()]
+
+
+def dpo_algorithm(data, tmp_path):
+    from nanoalign.algos.dpo import DPO
+    from nanoalign.config import load_config
+    from nanoalign.trainer import Context, build_policy
+    from train import algo_config
+    cfg = load_config(dpo_args(data, tmp_path), algo_config)
+    policy, tokenizer = build_policy(cfg, torch.device("cpu"))
+    ctx = Context(torch.device("cpu"), 0, 1, cfg.micro_batch_size, cfg.batch_size // cfg.micro_batch_size,
+                  lambda: torch.autocast("cpu", enabled=False))
+    return DPO(cfg, policy, tokenizer, ctx)
+
+
+def step_gradient(algo, start_step):
+    """The accumulated gradient of optimizer step `start_step`, as the trainer computes it."""
+    algo.policy.zero_grad(set_to_none=True)
+    batches = algo.batches(start_step)
+    for _ in range(algo.ctx.grad_accum):
+        loss, _ = algo.loss(algo.policy, next(batches))
+        (loss / algo.ctx.grad_accum).backward()
+    return {name: p.grad.clone() for name, p in algo.policy.named_parameters()}
+
+
+def test_dpo_step_gradient_is_the_same_with_and_without_bucketing(tmp_path, monkeypatch):
+    """DPO's loss is a mean over pairs and micro-batches have equal sizes, so an optimizer step's gradient does
+    not depend on which pairs share a micro-batch (the policy is moved off pi_ref first so the gradient is not ~0)."""
+    algo = dpo_algorithm(preference_file(tmp_path / "prefs.jsonl"), tmp_path)
+    with torch.no_grad():
+        for p in algo.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    monkeypatch.setattr(nanoalign.data, "BUCKET_BY_LENGTH", True)
+    micro = next(algo.batches(1))
+    assert micro["input_ids"].shape[1] < max(len(e["chosen_ids"]) for e in algo.examples)  # bucketing is at work
+    bucketed = step_gradient(algo, 1)
+    monkeypatch.setattr(nanoalign.data, "BUCKET_BY_LENGTH", False)
+    plain = step_gradient(algo, 1)
+    for name in plain:
+        scale = plain[name].abs().max().item()
+        assert (bucketed[name] - plain[name]).abs().max().item() <= 1e-5 * scale + 1e-9, name
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_with_bucketing(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo), micro 2 x accum 2 x 2 ranks == 1 process micro 2 x accum 4 (DPO)."""
+    from nanoalign.algos.dpo import DPO
+    from nanoalign.config import load_config
+    from nanoalign.trainer import train
+    from train import algo_config
+    data = preference_file(tmp_path / "prefs.jsonl")
+    one = train(load_config(dpo_args(data, tmp_path / "one", max_steps=3), algo_config), DPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *dpo_args(data, tmp_path / "two", max_steps=3)]
+    run = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = lambda d: [json.loads(line)["loss"] for line in open(Path(d) / "metrics.jsonl")]  # noqa: E731
+    for a, b in zip(losses(one), losses(tmp_path / "two"), strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
+# ---------------------------------------------------------------------------------------- the benchmark runs
+def test_benchmark_smoke():
+    run = subprocess.run([sys.executable, "-m", "nanoalign.bench", "--models=toy", "--algos=dpo,nonexistent",
+                          "--dtypes=fp32", "--devices=cpu", "--steps=1", "--warmup=0", "--threads=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = [line for line in run.stdout.splitlines() if line.startswith("| cpu | toy")][-1].split("|")
+    assert row[5].strip() == "dpo" and float(row[10]) > 0 and float(row[11]) > 0  # tokens/s and peak MB
+    assert "nonexistent: not in the registry" in run.stdout
