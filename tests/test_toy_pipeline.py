@@ -4,8 +4,11 @@ The fast tests build the "tiny" recipe (seconds; its models learn little) once i
 """
 import copy
 import csv
+import fcntl
 import json
 import shutil
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,6 +88,20 @@ def test_a_changed_recipe_rebuilds_that_stage_and_the_ones_after(toy, tmp_path, 
     assert [timings[s] is None for s in STAGES] == [True, True, False, False]
 
 
+def test_a_second_run_waits_for_the_one_building_the_cache(toy):
+    """While another process holds <toy dir>/.lock (it is building), prepare blocks; then it reuses the cache."""
+    root, _ = toy
+    results = []
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: results.append(prepare(config("--dtype=float32"), SFT, TINY)))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and not results  # blocked on the lock
+    waiter.join(timeout=30)
+    assert results == [dict.fromkeys(STAGES)]
+
+
 @pytest.mark.parametrize("data_format, path", [("preference", "annotations/prefs.jsonl"),
                                                ("binary", "annotations/binary.jsonl"),
                                                ("prompt", "annotations/prompts.jsonl"),
@@ -117,13 +134,16 @@ def reference(toy):
 
 
 def shifted(model, tokenizer, bias=3.0):
-    """A copy of `model` whose next-token logits get +bias on every positive adjective (a known shift)."""
+    """A copy of `model` whose lm_head gets a bias of +bias on every positive adjective (a known logit shift)."""
     policy = copy.deepcopy(model)
-    boost = torch.zeros(model.cfg.vocab_size)
-    for word in POSITIVE_ADJECTIVES:
-        (token,) = tokenizer.encode(" " + word)  # one token per toy word
-        boost[token] = bias
-    policy.lm_head.register_forward_hook(lambda module, inputs, logits: logits + boost)
+    head = torch.nn.Linear(model.cfg.n_embd, model.cfg.vocab_size, bias=True)
+    head.weight = policy.lm_head.weight  # the same (tied) weights
+    with torch.no_grad():
+        head.bias.zero_()
+        for word in POSITIVE_ADJECTIVES:
+            (token,) = tokenizer.encode(" " + word)  # one token per toy word
+            head.bias[token] = bias
+    policy.lm_head = head
     return policy
 
 

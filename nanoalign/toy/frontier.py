@@ -70,7 +70,8 @@ def write_points(points: list[dict], out: Path) -> None:
 
 
 def plot(points: list[dict], path: Path) -> bool:
-    """Gold reward vs KL, one line per algorithm labelled with its knob values; False without matplotlib."""
+    """Gold reward vs KL with +-1 standard error bars, one line per algorithm labelled with its knob values;
+    False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display needed
@@ -80,7 +81,8 @@ def plot(points: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for algo in dict.fromkeys(p["algo"] for p in points if p["algo"] != "sft"):
         run = sorted((p for p in points if p["algo"] == algo), key=lambda p: p["kl"])
-        ax.plot([p["kl"] for p in run], [p["gold_reward"] for p in run], "o-", label=f"{algo} ({run[0]['knob']})")
+        ax.errorbar([p["kl"] for p in run], [p["gold_reward"] for p in run], xerr=[p["kl_se"] for p in run],
+                    yerr=[p["gold_reward_se"] for p in run], fmt="o-", capsize=2, label=f"{algo} ({run[0]['knob']})")
         for p in run:
             ax.annotate(f"{p['value']:g}", (p["kl"], p["gold_reward"]), textcoords="offset points", xytext=(4, -10),
                         fontsize=7)

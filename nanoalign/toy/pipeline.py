@@ -17,6 +17,8 @@ gets 4 completions and all 6 of their pairs; departure: our labels are noisy dra
 Under torchrun the training stages run on every rank (train() does the DDP); corpus and annotation are written by
 rank 0 while the others wait at a barrier.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -69,6 +71,10 @@ class Recipe:
     tau: float = TAU
     max_new_tokens: int = 40  # also the evaluation's sampling budget
     micro_batch_size: int = 32
+    # proxy reward model (--algo=rm on prefs.jsonl from the SFT model), built only for runs that need one (PPO)
+    rm_steps: int = 400
+    rm_batch: int = 32
+    rm_lr: float = 1e-3
 
 
 RECIPES = {
@@ -78,7 +84,7 @@ RECIPES = {
     # seconds instead of minutes, for tests: the models learn little
     "tiny": Recipe(n_pretrain=256, n_sft=64, n_eval=16, n_layer=1, n_head=2, n_embd=32, base_steps=4, base_batch=16,
                    sft_steps=2, sft_batch=16, n_annotate=16, completions_per_prompt=3, pairs_per_prompt=2,
-                   max_new_tokens=24, micro_batch_size=16),
+                   max_new_tokens=24, micro_batch_size=16, rm_steps=2, rm_batch=16),
 }
 STAGE_FIELDS = {  # the recipe fields each stage depends on (besides the stages before it)
     "corpus": ("seed", "n_pretrain", "n_sft", "n_eval"),
@@ -86,6 +92,7 @@ STAGE_FIELDS = {  # the recipe fields each stage depends on (besides the stages 
              "micro_batch_size"),
     "sft": ("seed", "sft_steps", "sft_batch", "sft_lr", "micro_batch_size"),
     "annotations": ("seed", "n_annotate", "completions_per_prompt", "pairs_per_prompt", "tau", "max_new_tokens"),
+    "rm": ("seed", "rm_steps", "rm_batch", "rm_lr", "micro_batch_size"),
 }
 DATA_FILES = {"text": "corpus/pretrain.jsonl", "sft": "corpus/sft.jsonl", "preference": "annotations/prefs.jsonl",
               "binary": "annotations/binary.jsonl", "prompt": "annotations/prompts.jsonl"}
@@ -106,6 +113,19 @@ def default_recipe() -> Recipe:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def build_lock(root: Path, rank: int):
+    """An exclusive lock on <root>/.lock held by rank 0 while stages are checked and built, so two runs started
+    on one cache dir at once do not build it twice or read a half-written stage: the second waits, then reuses."""
+    if rank != 0:
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def stage_key(stage: str, recipe: Recipe, upstream: str = "") -> str:
@@ -174,6 +194,15 @@ def train_sft(directory: Path, cfg, recipe: Recipe) -> dict:
     return {}
 
 
+def train_reward_model(directory: Path, cfg, recipe: Recipe) -> dict:
+    """(Added with PPO.) The proxy reward model: --algo=rm on the annotators' prefs.jsonl, from the SFT model."""
+    stage = stage_config(cfg, recipe, algo="rm", data=toy_dir() / DATA_FILES["preference"], out_dir=directory,
+                         init_from=f"ckpt:{toy_dir() / 'sft'}", max_len=recipe.block_size, max_steps=recipe.rm_steps,
+                         batch_size=recipe.rm_batch, lr=recipe.rm_lr)
+    train(stage, get_algorithm("rm"))
+    return {}
+
+
 def annotate(directory: Path, device, recipe: Recipe) -> dict:
     """Sample completions_per_prompt completions per prompt from the SFT model, score and label them."""
     model, tokenizer = model_from_checkpoint(load_checkpoint(toy_dir() / "sft", device), device)
@@ -210,15 +239,23 @@ def prepare(cfg, algorithm_cls, recipe: Recipe | None = None) -> dict:
     recipe = recipe or default_recipe()
     root = toy_dir()
     rank, _, device = setup_distributed(cfg)  # initialises the process group before the first barrier
-    keys, timings = {}, {}
-    upstream = ""
-    for stage, every_rank, build in (
-            ("corpus", False, lambda d: build_corpus(d, recipe)),
-            ("base", True, lambda d: train_base(d, cfg, recipe)),
-            ("sft", True, lambda d: train_sft(d, cfg, recipe)),
-            ("annotations", False, lambda d: annotate(d, device, recipe))):
-        keys[stage] = upstream = stage_key(stage, recipe, upstream)
-        timings[stage] = run_stage(root / stage, upstream, build, rank, every_rank)
+    keys, timings, key = {}, {}, ""
+    stages = (("corpus", False, lambda d: build_corpus(d, recipe)),
+              ("base", True, lambda d: train_base(d, cfg, recipe)),
+              ("sft", True, lambda d: train_sft(d, cfg, recipe)),
+              ("annotations", False, lambda d: annotate(d, device, recipe)))
+    with build_lock(root, rank):
+        for stage, every_rank, build in stages:
+            keys[stage] = key = stage_key(stage, recipe, upstream=key)  # a changed stage changes all keys after it
+            timings[stage] = run_stage(root / stage, key, build, rank, every_rank)
+        # (added with PPO) a run scored by a reward model (Config key reward_model, left "") gets the proxy RM, built
+        # once into rm/, and logs the gold reward beside it (monitor_reward): over-optimisation of the proxy shows
+        if getattr(cfg, "reward_model", None) == "":
+            keys["rm"] = stage_key("rm", recipe, keys["annotations"])
+            timings["rm"] = run_stage(root / "rm", keys["rm"], lambda d: train_reward_model(d, cfg, recipe), rank, True)
+            cfg.reward_model = f"ckpt:{root / 'rm'}"
+    if getattr(cfg, "monitor_reward", None) == "":
+        cfg.monitor_reward = "gold"
     if rank == 0:
         print(f"toy world in {root}: " + ", ".join(
             f"{stage} {'cached' if s is None else f'built in {s:.1f} s'}" for stage, s in timings.items()))
