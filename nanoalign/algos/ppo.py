@@ -159,7 +159,7 @@ class PPO(Algorithm):
     name = "ppo"
     Config = Config
     data_format = "prompt"
-    key_metrics = ("objective/scores", "objective/kl")
+    key_metrics = ("objective/scores", "objective/kl", "time/data_s", "time/update_s")  # data_s: the rollout
 
     def __init__(self, cfg, policy, tokenizer, ctx):
         super().__init__(cfg, policy, tokenizer, ctx)
