@@ -7,7 +7,8 @@ Two implementations of the same numbers (tests/test_speed_equivalence.py checks 
                      the chunk's logits recomputed in backward (CompletionLogps). No (B, T, V) tensor exists in
                      any dtype, so memory no longer grows with B * T * vocab (150k for Qwen) and the lm_head
                      matmul skips prompt and padding positions. It falls back to the plain version for models
-                     whose lm_head is not a bias-free nn.Linear (e.g. a LoRA-wrapped head).
+                     whose lm_head is not a bias-free nn.Linear (e.g. a LoRA-wrapped head). Forward hooks on
+                     lm_head do not run in the fused version (the head's matmul happens here, not in a module).
 """
 import torch
 import torch.nn as nn
@@ -71,19 +72,15 @@ class CompletionLogps(torch.autograd.Function):
 
 
 def hidden_states_and_head(model, input_ids, attention_mask):
-    """(hidden states (B, T, C) before the head, the head) through `model`'s own forward, so DDP's gradient hooks
-    and torch.compile still apply to a wrapped model: its lm_head is swapped for Identity during the call.
-    None if the head is not a bias-free nn.Linear."""
+    """(hidden states (B, T, C) before the head, the head), through `model`'s own forward (return_hidden=True) so
+    DDP's gradient hooks and torch.compile still apply to a wrapped model. None if the head is not a bias-free
+    nn.Linear (e.g. a LoRA-wrapped or biased head): then the plain version runs."""
     core = getattr(model, "module", model)                       # DDP wraps in .module
     core = getattr(core, "_orig_mod", core)                      # torch.compile wraps in ._orig_mod
     head = getattr(core, "lm_head", None)
     if type(head) is not nn.Linear or head.bias is not None:
         return None
-    core.lm_head = nn.Identity()
-    try:
-        return model(input_ids, attention_mask), head
-    finally:
-        core.lm_head = head
+    return model(input_ids, attention_mask, return_hidden=True), head
 
 
 def batch_logps(model, input_ids, loss_mask, attention_mask=None, temperature=1.0):

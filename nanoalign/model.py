@@ -228,8 +228,11 @@ class GPT(nn.Module):
             cache.length += T
         return self.norm_f(x)
 
-    def forward(self, idx, attention_mask=None, cache=None):
-        return self.lm_head(self.hidden_states(idx, attention_mask, cache))      # (B, T, V)
+    def forward(self, idx, attention_mask=None, cache=None, return_hidden=False):
+        """Logits (B, T, V); or, with return_hidden, the final hidden states (B, T, C) so the caller applies the
+        head only where it needs it (nanoalign.logps does, through this forward so DDP and compile still wrap it)."""
+        hidden = self.hidden_states(idx, attention_mask, cache)
+        return hidden if return_hidden else self.lm_head(hidden)                 # (B, T, C) or (B, T, V)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, pad_id=0,

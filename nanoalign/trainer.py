@@ -217,7 +217,7 @@ def train(cfg, algorithm_cls, stop_after=None):
         n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
         print(f"{algo.name}: {n_train:,} trainable parameters of {sum(p.numel() for p in module.parameters()):,}; "
               f"{world_size} rank(s), grad_accum={grad_accum}, dtype={dtype}, device={device}")
-    log_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+    log_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w") if rank == 0 else None  # a rerun starts afresh
 
     def save(step):
         if rank == 0:

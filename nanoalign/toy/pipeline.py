@@ -265,6 +265,8 @@ def prepare(cfg, algorithm_cls, recipe: Recipe | None = None) -> dict:
     cfg.data = str(root / DATA_FILES[fmt])
     if not cfg.init_from:
         cfg.init_from = f"ckpt:{root / getattr(algorithm_cls, 'toy_init', 'sft')}"
+    if cfg.dtype == "auto" and not torch.cuda.is_available():
+        cfg.dtype = "float32"  # the toy model is too small for bf16 to pay on a CPU (see stage_config)
     return timings
 
 
