@@ -1,7 +1,7 @@
 """JSONL datasets -> token lists with completion masks -> padded tensors, in a resumable order.
 
 Formats use TRL's standard columns (extra columns are kept and ignored):
-    sft         {"prompt", "completion"} or {"text"}
+    sft         {"prompt", "completion"} or {"text"} or {"messages": [{"role", "content"}, ...]}
     text        {"text"}
     preference  {"prompt", "chosen", "rejected"}
     binary      {"prompt", "completion", "label": true|false}    (KTO)
@@ -61,6 +61,15 @@ def read_jsonl(path, fmt: str) -> list[dict]:
 
 
 def _validate(row: dict, fmt: str, where: str) -> None:
+    if fmt == "sft" and "messages" in row and "completion" not in row:  # conversational: nanoalign/chat.py renders it
+        from nanoalign.chat import ROLES, _check
+        try:
+            _check(row["messages"])
+        except ValueError as e:
+            raise DataError(f"{where}: field 'messages': {e}") from None
+        if not any(m["role"] == "assistant" for m in row["messages"]):
+            raise DataError(f"{where}: field 'messages': no assistant turn, so nothing to train on")
+        return
     if fmt == "text" or (fmt == "sft" and "completion" not in row and "text" in row):
         _check_string(row, "text", where, allow_empty=False)
         return
@@ -80,7 +89,7 @@ def _check_string(row: dict, name: str, where: str, allow_empty: bool) -> None:
 
 def _missing_or_wrong(row: dict, name: str, where: str, expected: str) -> None:
     if name not in row:
-        hint = " (conversational 'messages' rows are not supported: apply a chat template first)" if "messages" in row else ""
+        hint = " (conversational 'messages' rows are supported for sft data only)" if "messages" in row else ""
         raise DataError(f"{where}: missing field {name!r}{hint}")
     value = row[name]
     got = "an empty string" if value == "" else _type_name(value)
@@ -144,6 +153,13 @@ def _prompt_and_completion(row: dict) -> tuple[str, str]:
 
 
 def _sft_example(row: dict, tok, max_len: int, filtered: Filtered) -> dict | None:
+    if "messages" in row and "completion" not in row:  # the model's chat format, loss on assistant turns only
+        from nanoalign.chat import chat_template_for, render_messages
+        input_ids, loss_mask = render_messages(row["messages"], tok, chat_template_for(tok.spec))
+        if len(input_ids) > max_len:  # no left cut: it could split a turn
+            filtered.dropped["too_long"] += 1
+            return None
+        return {"input_ids": input_ids, "loss_mask": loss_mask}
     bos = [tok.bos_id] if tok.bos_id is not None else []
     prompt, completion = _prompt_and_completion(row)
     completion_ids = tok.encode(completion)

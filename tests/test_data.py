@@ -44,7 +44,8 @@ GOOD = {"preference": {"prompt": "p", "chosen": "a", "rejected": "b"}, "binary":
     ("binary", {"prompt": "p", "completion": "c", "label": "true"}, "field 'label': expected true or false, got string"),
     ("binary", {"prompt": "p", "completion": "c"}, "missing field 'label'"),
     ("prompt", {"prompt": ""}, "field 'prompt': expected a non-empty string, got an empty string"),
-    ("sft", {"messages": [{"role": "user", "content": "hi"}]}, "missing field 'prompt' (conversational 'messages'"),
+    ("sft", {"messages": [{"role": "user", "content": "hi"}]}, "field 'messages': no assistant turn"),
+    ("preference", {"messages": [{"role": "user", "content": "hi"}]}, "missing field 'prompt' (conversational 'messages'"),
     ("sft", '{"prompt": "p", "completion": ', "not valid JSON (Expecting value"),
     ("sft", '["p", "c"]', "expected a JSON object, got list"),
 ])
@@ -219,3 +220,27 @@ def test_skipped_steps_are_not_collated():
 def test_too_few_examples_for_one_global_batch():
     with pytest.raises(DataError, match="3 examples, fewer than one global batch of 4"):
         next(micro_batches([0, 1, 2], 2, 1, 0, 2, 0, 0, partial(collate, pad_id=0)))
+
+
+def test_messages_rows_render_with_the_chat_format_and_mask_only_assistant_turns(tmp_path):
+    """sft rows may be conversational: rendered by nanoalign.chat (plain format for non-HF tokenizers), loss only on
+    the assistant's content and its end-of-turn token; a row without an assistant turn is a file:line error."""
+    from nanoalign.chat import render_messages
+    from nanoalign.data import tokenize_sft
+    from nanoalign.tokenizer import get_tokenizer
+    tok = get_tokenizer("bytes")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    rows = read_jsonl(path, "sft")
+    (example,), filtered = tokenize_sft(rows, tok, 512)
+    ids, mask = render_messages(messages, tok, "plain")
+    assert example == {"input_ids": ids, "loss_mask": mask}
+    target = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert target.strip().startswith("hello") and "hi" not in target
+    path.write_text(json.dumps({"messages": messages[:1]}) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:1: field 'messages': no assistant turn"):
+        read_jsonl(path, "sft")
+    path.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:1: field 'messages'"):
+        read_jsonl(path, "sft")
