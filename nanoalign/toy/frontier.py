@@ -25,6 +25,10 @@ KNOBS = {
     "dpo": ("beta", (0.03, 0.1, 0.3, 1.0)),
     "ipo": ("beta", (0.1, 0.3, 1.0, 3.0)),
     "kto": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "online_dpo": ("beta", (0.1, 0.3, 1.0, 3.0)),
+    "rloo": ("kl_coef", (0.02, 0.05, 0.2, 0.5)),  # beta of the KL penalty in the reward: larger -> closer
+    "grpo": ("kl_coef", (0.0, 0.04, 0.2, 1.0)),  # beta of the k3 KL loss term: larger -> closer
+    "raft": ("samples_per_prompt", (2, 4, 8)),  # no KL term: a larger n selects harder, so moves further
 }
 COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_se", "win_rate", "grammatical",
            "length", "out_dir")
@@ -48,7 +52,7 @@ def sweep(algos: list[str], values: list[float] | None, out: Path, extra: list[s
         knob, defaults = knobs[algo]
         for value in values or defaults:
             out_dir = out / f"{algo}_{knob}{value}"
-            main([f"--algo={algo}", f"--{knob}={value}", f"--out_dir={out_dir}", *extra])
+            main([f"--algo={algo}", f"--{knob}={value:g}", f"--out_dir={out_dir}", *extra])  # :g: 2.0 -> "2" for ints
             result = json.loads((out_dir / "eval.json").read_text())
             if not points:  # every run samples the same SFT reference with the same seed: one point for it
                 points.append({"algo": "sft", "knob": "", "value": "", "kl": 0.0, "kl_se": 0.0,
@@ -57,6 +61,30 @@ def sweep(algos: list[str], values: list[float] | None, out: Path, extra: list[s
                                "length": result["ref_length"], "out_dir": ""})
             points.append({"algo": algo, "knob": knob, "value": value, "out_dir": str(out_dir),
                            **{k: result[k] for k in COLUMNS if k in result and k not in ("algo", "out_dir")}})
+    return points
+
+
+def best_of_n_points(ns: list[int], seed: int = 0) -> list[dict]:
+    """Best-of-n sampling from the SFT model, the best of n by the gold reward (no training; algos/raft.py): one
+    point per n on the same held-out prompts and seed as every run's eval.json. Its KL is not sampled but the closed
+    form log n - (n - 1)/n, exact for untied rewards and an upper bound here (gold rewards of short reviews tie)."""
+    from nanoalign.algos.raft import best_of_n_sampler
+    from nanoalign.algos.rl_math import best_of_n_kl
+    from nanoalign.checkpoint import load_checkpoint, model_from_checkpoint
+    from nanoalign.data import read_jsonl
+    from nanoalign.scorers import gold_scorer
+    from nanoalign.toy.evaluate import evaluate, model_sampler
+    from nanoalign.toy.pipeline import default_recipe, toy_dir
+    budget = default_recipe().max_new_tokens
+    reference, tokenizer = model_from_checkpoint(load_checkpoint(toy_dir() / "sft"))
+    prompts = [row["prompt"] for row in read_jsonl(toy_dir() / "corpus" / "eval_prompts.jsonl", "prompt")]
+    points = []
+    for n in ns:
+        sampler = best_of_n_sampler(model_sampler(reference, tokenizer, budget), gold_scorer, tokenizer, n)
+        result = evaluate(None, reference, tokenizer, prompts, seed=seed, max_new_tokens=budget, sampler=sampler)
+        points.append({"algo": "best_of_n", "knob": "n", "value": n, "out_dir": "",
+                       **{k: result[k] for k in COLUMNS if k in result and k not in ("algo", "out_dir")},
+                       "kl": best_of_n_kl(n), "kl_se": 0.0})
     return points
 
 
@@ -106,10 +134,13 @@ def main(argv=None):
     parser.add_argument("--values", "--betas", dest="values", default="",
                         help="comma-separated knob values for every algorithm (default: each one's table values)")
     parser.add_argument("--out", default="out/frontier", help="folder for the runs, frontier.csv/.json/.png")
+    parser.add_argument("--best_of_n", default="", help="comma-separated n: add best-of-n points (no training)")
     args, extra = parser.parse_known_args(argv)
     values = [float(v) for v in args.values.split(",")] if args.values else None
     out = Path(args.out)
-    points = sweep(args.algos.split(","), values, out, extra)
+    points = sweep([a for a in args.algos.split(",") if a], values, out, extra)
+    if args.best_of_n:  # after the sweep, which builds the toy world if it is missing
+        points += best_of_n_points([int(n) for n in args.best_of_n.split(",")])
     write_points(points, out)
     plotted = plot(points, out / "frontier.png")
     print(f"{'algo':<6}{'knob':>14}{'KL':>9}{'gold reward':>13}{'win rate':>10}{'grammatical':>13}")
