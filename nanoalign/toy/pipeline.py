@@ -72,9 +72,9 @@ class Recipe:
     max_new_tokens: int = 40  # also the evaluation's sampling budget
     micro_batch_size: int = 32
     # proxy reward model (--algo=rm on prefs.jsonl from the SFT model), built only for runs that need one (PPO)
-    rm_steps: int = 400
+    rm_steps: int = 1000  # ~3.5 epochs of the ~9000 pairs: accuracy on held-out labels still rose at 600 steps
     rm_batch: int = 32
-    rm_lr: float = 1e-3
+    rm_lr: float = 2e-3  # at 1e-4 the loss had not left log 2 after 100 steps
 
 
 RECIPES = {
