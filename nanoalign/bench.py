@@ -58,7 +58,7 @@ ROLLOUT = dict(cpu=dict(batch=64, prompt=16, new=48), cuda=dict(batch=256, promp
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 DEFAULTS = dict(algos="sft,rm,dpo,kto,orpo,ppo,generate", models="toy,gpt2,llama", dtypes="fp32,bf16", devices="",
                 logps="fused", bucket="1", ref_logps="precompute", compile="0", steps="", warmup="", repeats="1",
-                json="", peers=False, threads="", clock="wall")
+                json="", threads="", clock="wall")
 
 
 # ------------------------------------------------------------------------------------------ one config (child)
@@ -70,9 +70,11 @@ def build_model(name, device):
     return GPT(make(**kw)).to(device)
 
 
-def linear_params(model):
-    """N of the FLOP count: weights of the linear layers (a tied head counted once, as the matmul it is)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+def linear_params(module):
+    """N of the FLOP count: trainable weights of the linear layers (a tied head counted once, as the matmul it is),
+    without a reward model's unused lm_head (its backbone only gives hidden states)."""
+    return sum(m.weight.numel() for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+               and m.weight.requires_grad and not name.endswith("backbone.lm_head"))
 
 
 def random_text(rng, n):
@@ -157,73 +159,100 @@ def bench_generate(spec, device, model, autocast):
 
 def batch_tokens(batch, pad_id):
     """(tokens trained, their padded length, tokens forwarded without gradient) of one micro-batch."""
-    ids = batch.get("input_ids")
-    if ids is None:  # a prompt batch (online algorithms): ragged lists
-        return 0, 0, 0
-    no_grad = int((batch["kl_input_ids"] != pad_id).sum()) if "kl_input_ids" in batch else 0
-    return int((ids != pad_id).sum()), ids.shape[1], no_grad
+    ids = batch["input_ids"]
+    trained = batch["attention_mask"].sum() if "attention_mask" in batch else (ids != pad_id).sum()
+    no_grad = (batch["kl_input_ids"] != pad_id).sum() if "kl_input_ids" in batch else 0  # KTO's mismatched pairs
+    return int(trained), ids.shape[1], int(no_grad)
 
 
-def bench_algorithm(spec, device, model, autocast, workdir):
-    """Warmup + timed optimizer steps of the registered algorithm, exactly as trainer.train runs a step."""
-    from nanoalign.algos import ALGORITHMS, get_algorithm, variant_defaults
-    from nanoalign.config import load_config
+def wide_bytes_tokenizer():
+    """The bytes tokenizer, decoding ids past its 258 as the byte id % 256: a random model with a large vocabulary
+    samples such ids, and online algorithms decode their samples for the scorer."""
     from nanoalign.tokenizer import get_tokenizer
-    from nanoalign.trainer import Context, make_optimizer, to_device
+    tokenizer = get_tokenizer("bytes")
+    decode, n = tokenizer.decode, tokenizer.vocab_size
+    tokenizer.decode = lambda ids: decode([int(i) % 256 if int(i) >= n else int(i) for i in ids])
+    return tokenizer
+
+
+def make_algorithm(spec, device, model, autocast, workdir, workload, data=None):
+    """The registered algorithm on synthetic data (or `data`), configured as train.py would configure it."""
+    from nanoalign.algos import get_algorithm, variant_defaults
+    from nanoalign.config import load_config
+    from nanoalign.trainer import Context
     algo_cls = get_algorithm(spec["algo"])
-    workload = MODELS[spec["model"]][1 if device.type == "cpu" else 2]
-    steps = spec["warmup"] + spec["steps"]
-    data = Path(workdir) / "data.jsonl"
-    fmt = "sft" if algo_cls.data_format == "text" else algo_cls.data_format
-    write_data(data, "preference" if fmt == "binary" else fmt, workload, n_rows=2 * workload["batch"])
+    rollout = ROLLOUT[device.type]
+    if data is None:
+        data = Path(workdir) / "data.jsonl"
+        fmt = {"text": "sft", "binary": "preference"}.get(algo_cls.data_format, algo_cls.data_format)  # KTO unpairs
+        shape = {**workload, "prompt": (rollout["prompt"],) * 2} if fmt == "prompt" else workload
+        write_data(data, fmt, shape, n_rows=max(2 * workload["batch"], rollout["batch"]))
     args = [f"--algo={spec['algo']}", f"--data={data}", f"--batch_size={workload['batch']}",
             f"--micro_batch_size={workload['micro']}", f"--max_len={model.cfg.block_size}",
-            f"--block_size={model.cfg.block_size}", f"--max_steps={steps}", "--init_from=scratch", "--tokenizer=bytes",
+            f"--max_steps={spec['warmup'] + spec['steps']}", "--init_from=scratch", "--tokenizer=bytes",
             f"--out_dir={workdir}", f"--dtype={DTYPES[spec['dtype']]}", "--dropout=0.0"]
-    if algo_cls.Config is not None and "ref_logps" in {f.name for f in dataclasses.fields(algo_cls.Config)}:
-        args.append(f"--ref_logps={spec['ref_logps']}")
+    keys = {f.name for f in dataclasses.fields(algo_cls.Config)} if algo_cls.Config else set()
+    online = {"ref_logps": spec["ref_logps"], "reward_model": "gold", "rollout_batch_size": rollout["batch"],
+              "max_new_tokens": rollout["new"], "rollout_micro_batch": rollout["batch"],
+              "generation_batch_size": rollout["batch"]}
+    args += [f"--{k}={v}" for k, v in online.items() if k in keys]
     cfg = load_config(args, lambda name: get_algorithm(name).Config, overrides=variant_defaults(spec["algo"]))
-    tokenizer = get_tokenizer("bytes")
     ctx = Context(device, 0, 1, workload["micro"], workload["batch"] // workload["micro"], autocast)
+    return algo_cls(cfg, model, wide_bytes_tokenizer(), ctx), cfg
+
+
+def bench_algorithm(spec, device, model, autocast, workdir, workload=None, data=None):
+    """Warmup + timed optimizer steps of the registered algorithm, each exactly as trainer.train runs a step.
+    Returns per-step medians; data_s is the time spent in next(batches) (an online algorithm's rollout)."""
+    from nanoalign.trainer import make_optimizer, to_device
+    workload = workload or MODELS[spec["model"]][1 if device.type == "cpu" else 2]
     t0 = clock()
-    algo = algo_cls(cfg, model, tokenizer, ctx)  # DPO/KTO precompute the reference log-probs here
+    algo, cfg = make_algorithm(spec, device, model, autocast, workdir, workload, data)  # DPO/KTO: reference pass
     setup_s = clock() - t0
     module = algo.module.to(device)
     optimizer = make_optimizer(module, cfg, device)
     net = torch.compile(module) if spec["compile"] == "1" else module
-    batches = algo.batches(0)
+    batches, pad_id, N = algo.batches(0), algo.tokenizer.pad_id, linear_params(module)
     module.train()
-    rows, N = [], linear_params(model)
-    for step in range(steps):
-        tokens = flops = padded = real = 0
+    rows = []
+    for step in range(spec["warmup"] + spec["steps"]):
+        row = dict(tokens=0, flops=0, real=0, padded=0, data_s=0.0)
         sync(device)
-        t_start, data_s = clock(), 0.0
-        for _ in range(ctx.grad_accum):
+        t_start = clock()
+        for _ in range(algo.ctx.grad_accum):
             t0 = clock()
             batch = to_device(next(batches), device)  # online algorithms roll out here
             sync(device)
-            data_s += clock() - t0
+            row["data_s"] += clock() - t0
             with autocast():
-                loss, _ = algo.loss(net, batch)
-            (loss / ctx.grad_accum).backward()
-            trained, T, no_grad = batch_tokens(batch, tokenizer.pad_id)
-            tokens += trained + no_grad
-            flops += trained * (6 * N + 3 * attention_flops_per_token(model, T)) + no_grad * (
+                loss, metrics = algo.loss(net, batch)
+            (loss / algo.ctx.grad_accum).backward()
+            trained, T, no_grad = batch_tokens(batch, pad_id)
+            row["tokens"] += trained + no_grad
+            row["flops"] += trained * (6 * N + 3 * attention_flops_per_token(model, T)) + no_grad * (
                 2 * N + attention_flops_per_token(model, T))
-            real, padded = real + trained, padded + (batch["input_ids"].numel() if "input_ids" in batch else 0)
+            row["real"], row["padded"] = row["real"] + trained, row["padded"] + batch["input_ids"].numel()
+            row["response_length"] = float(metrics.get("val/response_length", 0.0))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
-        rows.append(dict(step_s=clock() - t_start, data_s=data_s, tokens=tokens, flops=flops,
-                         pad=1 - real / padded if padded else 0.0))
+        rows.append({**row, "step_s": clock() - t_start})
     timed = rows[spec["warmup"]:]
     median = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
-    return dict(tokens=median("tokens"), step_s=median("step_s"), data_s=median("data_s"), flops=median("flops"),
-                pad=median("pad"), setup_s=setup_s,
-                shape=f"batch={workload['batch']} micro={workload['micro']} prompt={workload['prompt']} "
-                      f"completion={workload['completion']}")
+    result = dict(tokens=median("tokens"), step_s=median("step_s"), data_s=median("data_s"), flops=median("flops"),
+                  pad=1 - sum(r["real"] for r in timed) / sum(r["padded"] for r in timed), setup_s=setup_s,
+                  step_times=[r["step_s"] for r in timed], shape=f"batch={workload['batch']} micro={workload['micro']} "
+                  f"prompt={workload['prompt']} completion={workload['completion']}")
+    if algo.data_format == "prompt":  # online: step 0 began with the rollout (generation, scoring, reference,
+        first, rollout = rows[0], ROLLOUT[device.type]  # values); it gets its own row, the updates another
+        length = first.get("response_length") or rollout["new"]
+        per_token = 2 * (2 * linear_params(algo.policy) + N - linear_params(algo.policy))  # policy, ref, critic
+        result["rollout"] = dict(tokens=rollout["batch"] * length, step_s=first["data_s"], data_s=first["data_s"],
+                                 pad=0.0, flops=rollout["batch"] * (rollout["prompt"] + length) * per_token)
+        result["step_s"] = statistics.median(r["step_s"] - r["data_s"] for r in timed)
+    return result
 
 
 def run_one(spec):
@@ -300,13 +329,14 @@ def format_table(results):
 
 
 def main(argv=None):
-    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--peers" in argv:  # its own keys (nanoalign/bench_peers.py)
+        from nanoalign.bench_peers import main as peers_main
+        return peers_main([a for a in argv if a != "--peers"])
+    opts = parse_args(argv)
     if "child" in opts:
         print(json.dumps(run_one(json.loads(opts["child"]))))
         return
-    if opts["peers"]:
-        from nanoalign.bench_peers import main as peers_main
-        return peers_main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--peers"])
     split = lambda key: [v for v in str(opts[key]).split(",") if v]  # noqa: E731
     devices = split("devices") or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     algos, notes = available_algos(split("algos"))
@@ -326,9 +356,12 @@ def main(argv=None):
             runs = [child(spec) for _ in range(int(opts["repeats"]))]
             ok = [r for r in runs if "error" not in r]
             result = min(ok, key=lambda r: abs(r["step_s"] - statistics.median(x["step_s"] for x in ok))) if ok else runs[0]
-            variant = ",".join(f"{k}={v}" for k, v in switch.items() if str(v) != DEFAULTS[k])
-            results.append({**spec, **result, "variant": variant or "default", "peak_gflops": peak})
-            print(format_table(results[-1:]).splitlines()[-1], flush=True)
+            variant = ",".join(f"{k}={v}" for k, v in switch.items() if str(v) != DEFAULTS[k]) or "default"
+            rows = [{**spec, **result, "variant": variant, "peak_gflops": peak}]
+            if "rollout" in result:  # an online algorithm: its rollout and its update steps on separate rows
+                rows = [{**rows[0], **result["rollout"], "algo": f"{algo} rollout"}, {**rows[0], "algo": f"{algo} update"}]
+            results += rows
+            print("\n".join(format_table(rows).splitlines()[2:]), flush=True)
     print("\n" + format_table(results))
     for note in notes:
         print("note:", note)

@@ -48,7 +48,9 @@ class CompletionLogps(torch.autograd.Function):
         out = torch.empty(N, device=hidden.device, dtype=torch.float32)       # (N,)
         lse = torch.empty(N, device=hidden.device, dtype=torch.float32)       # (N,) log sum_j exp(z_ij)
         for s in range(0, N, chunk):
-            z = (hidden[s:s + chunk] @ weight.T).float() / temperature         # (n, V) this chunk's logits
+            z = (hidden[s:s + chunk] @ weight.T).float()                       # (n, V) this chunk's logits
+            if temperature != 1.0:
+                z.div_(temperature)
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
@@ -58,16 +60,21 @@ class CompletionLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)                                  # (N, C)
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)  # (V, C), fp32 sum
+        grad_hidden, grad_weight = torch.empty_like(hidden), None               # (N, C); (V, C) summed in fp32
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h, t, g = hidden[s:s + ctx.chunk], targets[s:s + ctx.chunk], grad_out[s:s + ctx.chunk]
-            z = (h @ weight.T).float() / ctx.temperature                       # (n, V) recomputed logits
-            dz = torch.exp(z - lse[s:s + ctx.chunk, None]).mul_(-g[:, None])   # -g_i p_ij
-            dz.scatter_add_(1, t[:, None], g[:, None])                         # + g_i at j = t_i
-            dz = (dz / ctx.temperature).to(hidden.dtype)                       # (n, V) dL/d(h W^T)
+            h, t = hidden[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+            g = (grad_out[s:s + ctx.chunk] / ctx.temperature)[:, None]         # (n, 1) g_i / temperature
+            z = (h @ weight.T).float()                                         # (n, V) recomputed logits
+            if ctx.temperature != 1.0:
+                z.div_(ctx.temperature)
+            dz = z.sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g)            # -g_i p_ij / temperature, in place
+            dz.scatter_add_(1, t[:, None], g)                                  # + g_i / temperature at j = t_i
+            dz = dz.to(hidden.dtype)                                           # (n, V) dL/d(h W^T)
             grad_hidden[s:s + ctx.chunk] = dz @ weight
-            grad_weight += (dz.T @ h).float()
+            part = (dz.T @ h).float()                                          # (V, C) this chunk's dL/dW
+            grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        if grad_weight is None:                                                # no completion tokens at all
+            grad_weight = torch.zeros(weight.shape, device=weight.device)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 

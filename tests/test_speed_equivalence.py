@@ -91,6 +91,16 @@ def test_fused_logps_close_to_plain_under_bf16_autocast():
         assert (fused[3][name] - plain[3][name]).abs().max().item() <= 5e-2 * scale + 1e-6, name
 
 
+def test_fully_masked_batch_gives_zero_logps_and_zero_gradients():
+    model = make("gpt2")
+    ids, _ = batch()
+    mask = torch.zeros(ids.shape)
+    logps, counts, per_token = batch_logps(model, ids, mask)
+    (logps.sum() + per_token.sum()).backward()
+    assert logps.tolist() == [0.0] * 4 and counts.tolist() == [0.0] * 4
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 def test_fractional_mask_weights_and_plain_switch(monkeypatch):
     """A loss_mask of weights is applied as the plain version applies it; USE_FUSED_HEAD=False is the plain path."""
     model = make("gpt2")

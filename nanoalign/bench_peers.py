@@ -1,0 +1,232 @@
+"""nanoalign against its peers on the same weights, data, batch, sequence lengths and dtype:
+DPO training steps vs TRL's DPOTrainer, and generate() vs transformers' generate() at PPO rollout shapes.
+
+    python -m venv --system-site-packages /tmp/trlvenv           # reuses the installed torch
+    /tmp/trlvenv/bin/pip install --no-deps trl accelerate datasets dill multiprocess xxhash pyarrow pandas psutil
+    /tmp/trlvenv/bin/python -m nanoalign.bench --peers --threads=1 --clock=cpu --repeats=3
+
+trl / transformers / datasets are imported only here, lazily: they are peers, not dependencies. One random
+GPT-2-shaped model (GPT2LMHeadModel, seed 0) and a byte-level tokenizer without merges (id = byte value, so both
+libraries see identical token ids) are saved once as a Hugging Face directory; TRL loads it with from_pretrained,
+nanoalign with nanoalign.hf.load_hf_model (its hf:<dir> path). Every measurement runs in a fresh subprocess (peak
+RSS / CUDA memory is its own); the libraries alternate within each repeat, and the table shows medians over repeats
+and the median of the per-repeat ratios. Step time = time between the ends of consecutive optimizer steps (data
+loading, forward, backward, clipping, AdamW), after one warmup step; reference log-probs are either precomputed
+before training (nanoalign's default; TRL's precompute_ref_log_probs=True) or computed live by a second model
+every step (TRL's default). The batch is one micro-batch (no accumulation), so both pad the same rows to the same
+length. Keys: model (gpt2, gpt2m, toy), dtypes, repeats, steps, threads, clock, tasks (dpo, generate).
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanoalign.bench import MODELS, ROLLOUT, write_data
+
+DPO_SHAPE = dict(prompt=(16, 48), completion=(16, 64), batch=4, micro=4)  # pairs per step: one micro-batch
+DEFAULTS = dict(model="gpt2", dtypes="fp32,bf16", repeats="3", steps="3", threads="", clock="wall",
+                tasks="dpo,generate")
+
+
+def rss_mb():
+    """Current resident memory of this process (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------ shared files
+def prepare(workdir, model_name):
+    """The HF model directory (random GPT-2 weights + byte tokenizer) and the preference JSONL, written once."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from nanoalign.hf import bytes_to_unicode
+    shape = MODELS[model_name][0]
+    assert shape["arch"] == "gpt2", "the peer comparison builds GPT2LMHeadModel"
+    config = GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["block_size"], n_embd=shape["n_embd"],
+                        n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=256, eos_token_id=256, pad_token_id=257)
+    torch.manual_seed(0)
+    model_dir = Path(workdir) / "model"
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    vocab = {c: b for b, c in bytes_to_unicode().items()}  # byte b <-> id b, no merges
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    assert hf_tok.eos_token_id == 256 and hf_tok.pad_token_id == 257
+    hf_tok.save_pretrained(model_dir)
+    write_data(Path(workdir) / "prefs.jsonl", "preference", DPO_SHAPE, n_rows=DPO_SHAPE["batch"])
+    return model_dir
+
+
+# ------------------------------------------------------------------------------------------ one measurement
+def trl_dpo(spec, model_dir, data, device, clock):
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    ends = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ends.append(clock())
+
+    rows = [json.loads(line) for line in open(data)]
+    args = DPOConfig(output_dir=str(Path(data).parent / "trl_out"), per_device_train_batch_size=DPO_SHAPE["micro"],
+                     gradient_accumulation_steps=1, max_steps=1 + spec["steps"], learning_rate=1e-4,
+                     bf16=spec["dtype"] == "bf16", use_cpu=device.type == "cpu", report_to=[], save_strategy="no",
+                     logging_steps=10_000, dataloader_num_workers=0, max_length=None, beta=0.1, seed=0,
+                     precompute_ref_log_probs=spec["ref"] == "precompute", disable_dropout=True, max_grad_norm=1.0)
+    trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer.add_callback(StepClock())
+    trainer.train()
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def nanoalign_dpo(spec, model_dir, data, device, clock):
+    import nanoalign.bench as bench
+    from nanoalign.hf import load_hf_model
+    model, _ = load_hf_model(model_dir, device)
+    bench.clock = clock
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if spec["dtype"] == "bf16" else \
+        (lambda: torch.autocast(device.type, enabled=False))
+    run = dict(algo="dpo", dtype=spec["dtype"], ref_logps=spec["ref"], compile="0", warmup=1, steps=spec["steps"])
+    with tempfile.TemporaryDirectory() as workdir:
+        result = bench.bench_algorithm(run, device, model, autocast, workdir, DPO_SHAPE, data)
+    return result["step_times"]
+
+
+def generate_times(spec, model_dir, device, clock):
+    """Seconds per generate() call of a batch of rollout prompts, sampling at temperature 1 to the full length."""
+    shape = ROLLOUT[device.type]
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 256, (shape["batch"], shape["prompt"]), generator=g)
+    if spec["lib"] == "transformers":
+        from transformers import GPT2LMHeadModel
+        model = GPT2LMHeadModel.from_pretrained(model_dir).to(device).eval()
+        kwargs = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=shape["new"],
+                      min_new_tokens=shape["new"], eos_token_id=None, pad_token_id=257, use_cache=True)
+        call = lambda: model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device), **kwargs)  # noqa: E731
+    else:
+        from nanoalign.hf import load_hf_model
+        model = load_hf_model(model_dir, device)[0].eval()
+        call = lambda: model.generate(prompts.tolist(), shape["new"], temperature=1.0, eos_id=None)  # noqa: E731
+    times = []
+    for _ in range(1 + spec["steps"]):
+        torch.manual_seed(len(times))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = clock()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16"):
+            out = call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(clock() - t0)
+    n_new = (out.tokens.shape[1] if hasattr(out, "tokens") else out.shape[1] - shape["prompt"])
+    assert n_new == shape["new"], f"{spec['lib']} generated {n_new} tokens, not {shape['new']}"
+    return times[1:]
+
+
+def run_one(spec):
+    if spec["threads"]:
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clock = time.process_time if spec["clock"] == "cpu" and device.type == "cpu" else time.perf_counter
+    if spec["lib"] == "trl":
+        import trl  # noqa: F401  (imported before the baseline, like nanoalign's imports below)
+    import nanoalign.algos.dpo  # noqa: F401
+    baseline = rss_mb()
+    if spec["task"] == "generate":
+        times = generate_times(spec, spec["model_dir"], device, clock)
+    elif spec["lib"] == "trl":
+        times = trl_dpo(spec, spec["model_dir"], spec["data"], device, clock)
+    else:
+        times = nanoalign_dpo(spec, spec["model_dir"], spec["data"], device, clock)
+    return dict(step_s=statistics.median(times), times=times, peak_mb=peak_mb(device), baseline_mb=baseline)
+
+
+# ------------------------------------------------------------------------------------------ driver
+def child(spec):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, "-m", "nanoalign.bench_peers", f"--child={json.dumps(spec)}"],
+                         capture_output=True, text=True, env=env, timeout=3600)
+    if run.returncode != 0:
+        raise RuntimeError(f"{spec['lib']} {spec['task']} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    opts = dict(DEFAULTS)
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in opts and key != "child":
+            raise SystemExit(f"unknown option --{key}; known: {', '.join('--' + k for k in DEFAULTS)}")
+        opts[key] = value
+    if "child" in opts:
+        print(json.dumps(run_one(json.loads(opts["child"]))))
+        return
+    import transformers
+    import trl
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+          f"{os.cpu_count()} CPU cores, threads={opts['threads'] or 'default'}, clock={opts['clock']}", flush=True)
+    split = lambda key: [v for v in opts[key].split(",") if v]  # noqa: E731
+    cases = []  # (task, variant, [libraries in the order they alternate])
+    if "dpo" in split("tasks"):
+        cases += [("dpo", "precompute", ["nanoalign", "trl"]), ("dpo", "live", ["nanoalign", "trl"])]
+    if "generate" in split("tasks"):
+        cases += [("generate", "", ["nanoalign", "transformers"])]
+    with tempfile.TemporaryDirectory() as workdir:
+        model_dir = prepare(workdir, opts["model"])
+        results = {}
+        for repeat in range(int(opts["repeats"])):
+            for (task, ref, libs), dtype in ((c, d) for c in cases for d in split("dtypes")):
+                for lib in libs if repeat % 2 == 0 else libs[::-1]:  # alternate who goes first
+                    spec = dict(task=task, ref=ref, lib=lib, dtype=dtype, steps=int(opts["steps"]),
+                                threads=opts["threads"], clock=opts["clock"], model_dir=str(model_dir),
+                                data=str(Path(workdir) / "prefs.jsonl"))
+                    r = child(spec)
+                    results.setdefault((task, ref, dtype, lib), []).append(r)
+                    print(f"repeat {repeat}: {task} {ref} {dtype} {lib}: {r['step_s']:.3f} s, "
+                          f"peak {r['peak_mb']:.0f} MB", flush=True)
+    print(format_table(results, cases, split("dtypes"), opts))
+
+
+def format_table(results, cases, dtypes, opts):
+    shape = ROLLOUT["cuda" if torch.cuda.is_available() else "cpu"]
+    lines = [f"model {opts['model']}; DPO: {DPO_SHAPE['batch']} pairs per step, prompt {DPO_SHAPE['prompt']} and "
+             f"answers {DPO_SHAPE['completion']} tokens; generate: batch {shape['batch']}, prompt {shape['prompt']}, "
+             f"{shape['new']} new tokens, sampling", "",
+             "| task | dtype | nanoalign s | peer s | speed-up (median of ratios) | nanoalign peak MB | peer peak MB |",
+             "|---|---|---|---|---|---|---|"]
+    for (task, ref, libs), dtype in ((c, d) for c in cases for d in dtypes):
+        ours, peer = results[(task, ref, dtype, libs[0])], results[(task, ref, dtype, libs[1])]
+        med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+        ratio = statistics.median(p["step_s"] / o["step_s"] for o, p in zip(ours, peer))
+        name = f"{task} (ref {ref})" if ref else task
+        lines.append(f"| {name} vs {libs[1]} | {dtype} | {med(ours, 'step_s'):.3f} | {med(peer, 'step_s'):.3f} | "
+                     f"{ratio:.2f}x | {med(ours, 'peak_mb'):.0f} (+{med(ours, 'peak_mb') - med(ours, 'baseline_mb'):.0f}) | "
+                     f"{med(peer, 'peak_mb'):.0f} (+{med(peer, 'peak_mb') - med(peer, 'baseline_mb'):.0f}) |")
+    lines.append("\npeak MB: the process's peak RSS (CPU) or max allocated (CUDA); (+N): above the RSS after imports.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
