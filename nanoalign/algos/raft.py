@@ -17,8 +17,10 @@ This implementation differs from the RAFT paper in:
     larger set per stage and fine-tunes on it, possibly for several epochs);
   - the best is taken per prompt (the paper's ranking; its top-1/k global-ranking variant is not implemented) and is
     kept even when every sample of the prompt is poor (no reward threshold);
-  - no KL term: the only brake is the number and size of the steps (lr, max_steps) and n (a larger n keeps
-    higher-reward, further-from-pi_ref samples). KL knob in the frontier: samples_per_prompt.
+  - no KL term (as in the paper): the only brakes are the number and size of the steps (lr, max_steps) and n (a
+    larger n keeps higher-reward samples, further from pi_ref). KL knob in the frontier: max_steps. On the toy world
+    the gold reward grows with every extra positive word, so a long RAFT run drifts to long, ungrammatical praise
+    cut at max_new_tokens (reward hacking; missing_eos_penalty > 0 removes the cut-off ones from the winners).
 Default reward on the toy world: the gold reward (reward_model="gold").
 """
 from dataclasses import dataclass

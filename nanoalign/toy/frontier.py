@@ -28,7 +28,7 @@ KNOBS = {
     "online_dpo": ("beta", (0.1, 0.3, 1.0, 3.0)),
     "rloo": ("kl_coef", (0.02, 0.05, 0.2, 0.5)),  # beta of the KL penalty in the reward: larger -> closer
     "grpo": ("kl_coef", (0.0, 0.04, 0.2, 1.0)),  # beta of the k3 KL loss term: larger -> closer
-    "raft": ("samples_per_prompt", (2, 4, 8)),  # no KL term: a larger n selects harder, so moves further
+    "raft": ("max_steps", (25, 50, 100)),  # no KL term: the amount of training is the brake
 }
 COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_se", "win_rate", "grammatical",
            "length", "out_dir")
