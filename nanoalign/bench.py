@@ -20,8 +20,10 @@ steadier than wall time on a machine shared with other jobs, and equal to it on 
 Tokens are the non-padding tokens of every sequence the step runs through the policy; model FLOPs follow
 nanoGPT / PaLM: 6 N + 12 L d T per trained token (N = parameters of the linear layers, the tied head counted
 once as a matmul), 2 N + 4 L d T per token forwarded without gradient (KTO's mismatched pairs, a live reference).
-Generation counts 2 N + 4 L d T per prompt and generated token. Algorithms not in the registry are skipped with a
-note, and so is one whose constructor needs more than data (e.g. a reward-model path).
+Generation counts 2 N + 4 L d T per prompt and generated token. Online algorithms (ppo, grpo, rloo, ...) score with
+the "gold" scorer and get two rows: the rollout (generation, scoring, reference and values, FLOPs approximate) and
+the update steps. Algorithms not in the registry are skipped with a note; a config that fails gets a row saying why.
+The CUDA paths (synchronize, max_memory_allocated, larger workloads) have not been run on a GPU yet.
 """
 import contextlib
 import dataclasses
