@@ -25,6 +25,7 @@ KNOBS = {
     "dpo": ("beta", (0.03, 0.1, 0.3, 1.0)),
     "ipo": ("beta", (0.1, 0.3, 1.0, 3.0)),
     "kto": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "ppo": ("kl_coef", (0.01, 0.05, 0.2, 0.5)),  # beta of PPO's per-token KL penalty (RM scores in std units)
     "online_dpo": ("beta", (0.1, 0.3, 1.0, 3.0)),
     "rloo": ("kl_coef", (0.02, 0.05, 0.2, 0.5)),  # beta of the KL penalty in the reward: larger -> closer
     "grpo": ("kl_coef", (0.0, 0.04, 0.2, 1.0)),  # beta of the k3 KL loss term: larger -> closer
