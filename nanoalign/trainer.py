@@ -20,8 +20,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from nanoalign.checkpoint import checkpoint_path, load_checkpoint, load_model, save_checkpoint
+from nanoalign.checkpoint import load_checkpoint, load_model, save_checkpoint
 from nanoalign.config import config_to_dict
+from nanoalign.data import collate, micro_batches
 from nanoalign.lora import apply_lora, load_lora_checkpoint, lora_checkpoint
 from nanoalign.model import GPT, GPTConfig, llama_config
 from nanoalign.tokenizer import get_tokenizer
@@ -45,7 +46,8 @@ class Context:
 class Algorithm:
     """The plug-in protocol. Subclasses set `name`, `Config` (a dataclass of their own hyperparameters, merged
     into the one flat run config), `data_format` ("sft" | "text" | "preference" | "binary" | "prompt") and
-    `key_metrics` (shown on the progress bar), and implement `batches` and `loss`."""
+    `key_metrics` (shown on the progress bar), and implement `loss`. Offline algorithms load their tokenised
+    dataset into `self.examples` and inherit `batches` and `collate`; online ones override `batches`."""
     name = ""
     Config = None
     data_format = "sft"
@@ -56,9 +58,16 @@ class Algorithm:
         self.cfg, self.policy, self.tokenizer, self.ctx = cfg, policy, tokenizer, ctx
         self.module = policy  # what the optimiser updates and the checkpoint stores
 
+    def collate(self, examples):
+        """Pad a list of tokenised examples into one batch of tensors (data.collate; override to add fields)."""
+        return collate(examples, self.tokenizer.pad_id)
+
     def batches(self, start_step):
-        """Yield this rank's micro-batches (dicts of tensors), forever; skip the first `start_step` optimizer steps."""
-        raise NotImplementedError
+        """Yield this rank's micro-batches (dicts of tensors), forever; skip the first `start_step` optimizer steps.
+        Default: length-bucketed, reshuffled passes over `self.examples` (data.micro_batches)."""
+        c = self.ctx
+        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
+                             start_step, self.collate)
 
     def loss(self, model, batch):
         """(scalar loss, metrics dict) for one micro-batch. `model` is self.module wrapped by DDP / torch.compile."""

@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 
 from nanoalign.algos.dpo import Reference, evaluate_loss, precompute
-from nanoalign.data import collate, micro_batches, read_jsonl, report, tokenize_binary, unpair
+from nanoalign.data import collate, read_jsonl, report, tokenize_binary, unpair
 from nanoalign.logps import batch_logps
 from nanoalign.trainer import Algorithm
 
@@ -167,11 +167,6 @@ class KTO(Algorithm):
         kl = collate([{"input_ids": e["kl_ids"], "loss_mask": e["kl_mask"]} for e in examples], pad)
         batch["kl_input_ids"], batch["kl_loss_mask"] = kl["input_ids"], kl["loss_mask"]
         return batch
-
-    def batches(self, start_step):
-        c = self.ctx
-        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
-                             start_step, self.collate)
 
     def reference_logps(self, batch):
         """{"ref_logps": (B,), "ref_kl_logps": (B,)}: pi_ref on the examples and on their mismatched pairs."""

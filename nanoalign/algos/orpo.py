@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from nanoalign.algos.dpo import evaluate_loss
 from nanoalign.algos.sft import sft_loss
-from nanoalign.data import collate, load_examples, micro_batches
+from nanoalign.data import load_examples
 from nanoalign.logps import batch_logps
 from nanoalign.trainer import Algorithm
 
@@ -87,14 +87,6 @@ class ORPO(Algorithm):
         max_len = min(cfg.max_len, policy.cfg.block_size)  # longer sequences do not fit the model
         self.examples = load_examples(cfg.data, "preference", tokenizer, max_len, log=log)
         self.eval_examples = load_examples(cfg.eval_data, "preference", tokenizer, max_len, log=log) if cfg.eval_data else []
-
-    def collate(self, examples):
-        return collate(examples, self.tokenizer.pad_id)
-
-    def batches(self, start_step):
-        c = self.ctx
-        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
-                             start_step, self.collate)
 
     def loss(self, model, batch):
         logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])  # one forward, (2B,)

@@ -7,7 +7,7 @@ pretraining (how the toy world's base model is made).
 Departure / choice: the loss is the token mean over each micro-batch (TRL's default), not over the whole
 accumulated batch, so long and short micro-batches weigh the same.
 """
-from nanoalign.data import collate, load_examples, micro_batches
+from nanoalign.data import load_examples
 from nanoalign.logps import batch_logps
 from nanoalign.trainer import Algorithm
 
@@ -27,14 +27,6 @@ class SFT(Algorithm):
         log = print if ctx.master else (lambda *a, **k: None)
         self.examples = load_examples(cfg.data, "sft", tokenizer, cfg.max_len, log=log)
         self.eval_examples = load_examples(cfg.eval_data, "sft", tokenizer, cfg.max_len, log=log) if cfg.eval_data else []
-
-    def collate(self, examples):
-        return collate(examples, self.tokenizer.pad_id)
-
-    def batches(self, start_step):
-        c = self.ctx
-        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
-                             start_step, self.collate)
 
     def loss(self, model, batch):
         logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])
