@@ -62,7 +62,7 @@ def read_jsonl(path, fmt: str) -> list[dict]:
 
 def _validate(row: dict, fmt: str, where: str) -> None:
     if fmt == "sft" and "messages" in row and "completion" not in row:  # conversational: nanoalign/chat.py renders it
-        from nanoalign.chat import ROLES, _check
+        from nanoalign.chat import _check
         try:
             _check(row["messages"])
         except ValueError as e:
