@@ -6,6 +6,10 @@ Formats use TRL's standard columns (extra columns are kept and ignored):
     preference  {"prompt", "chosen", "rejected"}
     binary      {"prompt", "completion", "label": true|false}    (KTO)
     prompt      {"prompt"}                                         (online algorithms)
+Conversational rows, as in TRL: "prompt" is a list of messages and each completion ("completion", "chosen",
+"rejected") a list holding assistant messages. They are rendered in the model's chat format (nanoalign/chat.py):
+the prompt with the assistant header that opens the answer (as at generation time), the loss on the assistant
+messages and their end-of-turn token; such a row over max_len is dropped (counted), not cut, as it could split a turn.
 Every bad row raises DataError naming `path:line` and the field. Rows dropped while tokenising (too
 long, chosen == rejected) are counted in a Filtered record and reported in one line, never lost silently.
 
@@ -70,6 +74,13 @@ def _validate(row: dict, fmt: str, where: str) -> None:
         if not any(m["role"] == "assistant" for m in row["messages"]):
             raise DataError(f"{where}: field 'messages': no assistant turn, so nothing to train on")
         return
+    if isinstance(row.get("prompt"), list) and fmt != "text":  # conversational prompt (and completions)
+        _check_messages(row, "prompt", where, assistant_only=False)
+        for name in ("completion",) if fmt == "sft" else COMPLETION_FIELDS[fmt]:
+            _check_messages(row, name, where, assistant_only=True)
+        if fmt == "binary" and not isinstance(row.get("label"), bool):
+            _missing_or_wrong(row, "label", where, "true or false")
+        return
     if fmt == "text" or (fmt == "sft" and "completion" not in row and "text" in row):
         _check_string(row, "text", where, allow_empty=False)
         return
@@ -78,6 +89,19 @@ def _validate(row: dict, fmt: str, where: str) -> None:
         _check_string(row, name, where, allow_empty=False)
     if fmt == "binary" and not isinstance(row.get("label"), bool):
         _missing_or_wrong(row, "label", where, "true or false")
+
+
+def _check_messages(row: dict, name: str, where: str, assistant_only: bool) -> None:
+    """A conversational field: a non-empty list of {"role", "content"}; completions hold assistant turns only."""
+    from nanoalign.chat import _check
+    if name not in row:
+        raise DataError(f"{where}: missing field {name!r}")
+    try:
+        _check(row[name])
+    except ValueError as e:
+        raise DataError(f"{where}: field {name!r}: {e}") from None
+    if assistant_only and any(m["role"] != "assistant" for m in row[name]):
+        raise DataError(f"{where}: field {name!r}: a conversational completion holds assistant messages only")
 
 
 def _check_string(row: dict, name: str, where: str, allow_empty: bool) -> None:
@@ -89,7 +113,8 @@ def _check_string(row: dict, name: str, where: str, allow_empty: bool) -> None:
 
 def _missing_or_wrong(row: dict, name: str, where: str, expected: str) -> None:
     if name not in row:
-        hint = " (conversational 'messages' rows are supported for sft data only)" if "messages" in row else ""
+        hint = (" ('messages' rows are sft data; conversational preference, binary and prompt rows put the messages "
+                "in 'prompt' and the answers in 'chosen'/'rejected'/'completion', as TRL does)") if "messages" in row else ""
         raise DataError(f"{where}: missing field {name!r}{hint}")
     value = row[name]
     got = "an empty string" if value == "" else _type_name(value)
@@ -146,6 +171,27 @@ def _sequence(bos: list[int], prompt_ids: list[int], completion_ids: list[int], 
     return ids, mask
 
 
+def _chat_prompt(tok, messages: list) -> list[int]:
+    """[bos] + the rendered prompt messages + the assistant header: what the model continues from."""
+    from nanoalign.chat import chat_template_for, render_messages
+    return render_messages(messages, tok, chat_template_for(tok.spec), add_generation_prompt=True)[0]
+
+
+def _chat_sequence(tok, prompt: list, completion: list, max_len: int, filtered: Filtered) -> tuple | None:
+    """(ids, mask) of a conversational prompt + completion: mask 1 on the completion's assistant content and its
+    end-of-turn token, 0 on the whole prompt (earlier assistant turns included); None (counted) over max_len."""
+    from nanoalign.chat import chat_template_for, render_messages
+    ids, mask = render_messages(prompt + completion, tok, chat_template_for(tok.spec))
+    n_prompt = len(_chat_prompt(tok, prompt))  # the rendering is per segment, so this is an exact prefix of ids
+    mask = [0] * n_prompt + mask[n_prompt:]
+    while mask and mask[-1] == 0:  # no trailing tokens after the last end-of-turn (ChatML's "\n")
+        ids, mask = ids[:-1], mask[:-1]
+    if len(ids) > max_len:
+        filtered.dropped["too_long"] += 1
+        return None
+    return ids, mask
+
+
 def _prompt_and_completion(row: dict) -> tuple[str, str]:
     if "completion" not in row and "text" in row:  # {"text"}: the whole text is the completion
         return "", row["text"]
@@ -160,6 +206,9 @@ def _sft_example(row: dict, tok, max_len: int, filtered: Filtered) -> dict | Non
             filtered.dropped["too_long"] += 1
             return None
         return {"input_ids": input_ids, "loss_mask": loss_mask}
+    if isinstance(row.get("prompt"), list):  # conversational prompt and completion
+        sequence = _chat_sequence(tok, row["prompt"], row["completion"], max_len, filtered)
+        return None if sequence is None else {"input_ids": sequence[0], "loss_mask": sequence[1]}
     bos = [tok.bos_id] if tok.bos_id is not None else []
     prompt, completion = _prompt_and_completion(row)
     completion_ids = tok.encode(completion)
@@ -192,6 +241,13 @@ def tokenize_preference(rows: list[dict], tok, max_len: int) -> tuple[list[dict]
         if row["chosen"] == row["rejected"]:  # no preference signal; DPO's loss would be constant log 2
             filtered.dropped["chosen_equals_rejected"] += 1
             continue
+        if isinstance(row["prompt"], list):  # conversational: both sides dropped together if either is too long
+            chosen = _chat_sequence(tok, row["prompt"], row["chosen"], max_len, filtered)
+            rejected = chosen and _chat_sequence(tok, row["prompt"], row["rejected"], max_len, filtered)
+            if rejected:
+                examples.append({"chosen_ids": chosen[0], "chosen_mask": chosen[1],
+                                 "rejected_ids": rejected[0], "rejected_mask": rejected[1]})
+            continue
         chosen_ids, rejected_ids = tok.encode(row["chosen"]), tok.encode(row["rejected"])
         longest = max(len(chosen_ids), len(rejected_ids))
         prompt_ids = _fit_prompt(tok.encode(row["prompt"]), max_len - len(bos) - longest - 1, filtered)
@@ -209,6 +265,13 @@ def tokenize_prompts(rows: list[dict], tok, max_prompt_len: int) -> tuple[list[d
     examples, filtered = [], Filtered()
     bos = [tok.bos_id] if tok.bos_id is not None else []
     for row in rows:
+        if isinstance(row["prompt"], list):  # conversational: rendered up to the assistant header, never cut
+            prompt_ids = _chat_prompt(tok, row["prompt"])
+            if len(prompt_ids) > max_prompt_len:
+                filtered.dropped["too_long"] += 1
+            else:
+                examples.append({"prompt_ids": prompt_ids})
+            continue
         prompt_ids = _fit_prompt(tok.encode(row["prompt"]), max_prompt_len - len(bos), filtered)
         if prompt_ids is None:
             continue

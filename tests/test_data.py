@@ -45,7 +45,14 @@ GOOD = {"preference": {"prompt": "p", "chosen": "a", "rejected": "b"}, "binary":
     ("binary", {"prompt": "p", "completion": "c"}, "missing field 'label'"),
     ("prompt", {"prompt": ""}, "field 'prompt': expected a non-empty string, got an empty string"),
     ("sft", {"messages": [{"role": "user", "content": "hi"}]}, "field 'messages': no assistant turn"),
-    ("preference", {"messages": [{"role": "user", "content": "hi"}]}, "missing field 'prompt' (conversational 'messages'"),
+    ("preference", {"messages": [{"role": "user", "content": "hi"}]}, "missing field 'prompt' ('messages' rows are sft data"),
+    ("preference", {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "user", "content": "a"}],
+                    "rejected": [{"role": "assistant", "content": "b"}]}, "field 'chosen': a conversational completion holds assistant messages only"),
+    ("preference", {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a",
+                    "rejected": [{"role": "assistant", "content": "b"}]}, "field 'chosen': messages must be a non-empty list"),
+    ("binary", {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a"}]},
+     "missing field 'label'"),
+    ("prompt", {"prompt": [{"role": "human", "content": "hi"}]}, "field 'prompt': message 0 must be"),
     ("sft", '{"prompt": "p", "completion": ', "not valid JSON (Expecting value"),
     ("sft", '["p", "c"]', "expected a JSON object, got list"),
 ])
@@ -244,3 +251,51 @@ def test_messages_rows_render_with_the_chat_format_and_mask_only_assistant_turns
     path.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     with pytest.raises(DataError, match=r"chat.jsonl:1: field 'messages'"):
         read_jsonl(path, "sft")
+
+
+def test_conversational_rows_render_prompt_and_answers_in_the_chat_format(tmp_path):
+    """TRL's conversational columns: "prompt" a list of messages, each answer a list of assistant messages. The prompt
+    renders up to the assistant header (exactly what prompt-only rows give the policy to continue), the loss covers
+    each answer's content and its end-of-turn token and nothing of the prompt, earlier assistant turns included."""
+    from nanoalign.chat import render_messages
+    from nanoalign.tokenizer import get_tokenizer
+    tok = get_tokenizer("bytes")
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+              {"role": "user", "content": "rate it"}]
+    good, bad = [{"role": "assistant", "content": "great"}], [{"role": "assistant", "content": "awful, truly"}]
+    row = {"prompt": prompt, "chosen": good, "rejected": bad}
+    path = write_jsonl(tmp_path / "chat_prefs.jsonl", [row, {**row, "rejected": good}])
+    (example,) = load_examples(path, "preference", tok, 512, log=lambda line: None)  # chosen == rejected: dropped
+    prompt_ids = render_messages(prompt, tok, "plain", add_generation_prompt=True)[0]
+    assert tok.decode(prompt_ids).endswith("User: rate it\n\nAssistant:")
+    for side, answer in (("chosen", "great"), ("rejected", "awful, truly")):
+        ids, mask = example[f"{side}_ids"], example[f"{side}_mask"]
+        assert ids == render_messages(prompt + row[side], tok, "plain")[0]
+        assert ids[:len(prompt_ids)] == prompt_ids and not any(mask[:len(prompt_ids)])
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == f" {answer}<|endoftext|>"  # answer + EOS only
+    binary = write_jsonl(tmp_path / "chat_binary.jsonl", [{"prompt": prompt, "completion": good, "label": True}])
+    (kto_example,) = load_examples(binary, "binary", tok, 512, log=lambda line: None)
+    assert (kto_example["input_ids"], kto_example["loss_mask"]) == (example["chosen_ids"], example["chosen_mask"])
+    prompts = write_jsonl(tmp_path / "chat_prompts.jsonl", [{"prompt": prompt}])
+    assert load_examples(prompts, "prompt", tok, 512, log=lambda line: None) == [{"prompt_ids": prompt_ids}]
+    sft = write_jsonl(tmp_path / "chat_sft.jsonl", [{"prompt": prompt, "completion": good}])
+    (sft_example,) = load_examples(sft, "sft", tok, 512, log=lambda line: None)
+    assert sft_example == {"input_ids": example["chosen_ids"], "loss_mask": example["chosen_mask"]}
+
+
+def test_conversational_rows_over_max_len_are_dropped_whole_and_counted(tmp_path):
+    """A conversational row is never cut (a cut could split a turn): a pair with either side too long is dropped
+    once and reported; a prompt longer than max_prompt_len is dropped too."""
+    from nanoalign.tokenizer import get_tokenizer
+    tok = get_tokenizer("bytes")
+    prompt = [{"role": "user", "content": "hi"}]
+    short, long = [{"role": "assistant", "content": "ok"}], [{"role": "assistant", "content": "x" * 100}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": prompt, "chosen": short, "rejected": long},
+                                              {"prompt": prompt, "chosen": long, "rejected": short},
+                                              {"prompt": prompt, "chosen": short, "rejected": [{"role": "assistant", "content": "no"}]}])
+    lines = []
+    examples = load_examples(path, "preference", tok, 60, log=lines.append)
+    assert len(examples) == 1 and lines == [f"data {path}: kept 1 of 3 (dropped: too_long 2)"]
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": prompt}, {"prompt": [{"role": "user", "content": "y" * 80}]}])
+    assert len(load_examples(prompts, "prompt", tok, 512, max_prompt_len=40, log=lines.append)) == 1
+    assert lines[-1] == f"data {prompts}: kept 1 of 2 (dropped: too_long 1)"

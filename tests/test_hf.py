@@ -432,3 +432,23 @@ def test_missing_safetensors_names_the_extra(qwen2_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # `import safetensors.torch` now raises
     with pytest.raises(ImportError, match=r"pip install nanoalign\[hf\]"):
         load_hf_model(qwen2_dir[0])
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_conversational_preference_rows_in_a_model_chat_format(template, tokenizer_dirs, tmp_path):
+    """TRL-style conversational pairs tokenised for an instruct model: the answer's loss covers its content and the
+    end-of-turn token (where generation stops), the sequence ends there (no ChatML trailing newline), and the prompt
+    is the model's generation prompt, shared by both sides."""
+    from nanoalign.data import load_examples
+    tok = load_tokenizer(tokenizer_dirs[LAYOUT_OF[template]])
+    end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[template]
+    row = {"prompt": CONVERSATION[:4], "chosen": [{"role": "assistant", "content": "4"}],
+           "rejected": [{"role": "assistant", "content": "5"}]}
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (example,) = load_examples(path, "preference", tok, 512, log=lambda line: None)
+    prompt_ids = render_messages(CONVERSATION[:4], tok, template, add_generation_prompt=True)[0]
+    for side, answer in (("chosen", "4"), ("rejected", "5")):
+        ids, mask = example[f"{side}_ids"], example[f"{side}_mask"]
+        assert ids[:len(prompt_ids)] == prompt_ids and tok.encoding.decode(ids[-1:]) == end
+        assert tok.encoding.decode([i for i, m in zip(ids, mask) if m]) == answer + end
