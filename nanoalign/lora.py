@@ -20,9 +20,11 @@ Choices and departures:
 
 In a training run (`--lora_rank=16 --lora_alpha=32 --lora_targets=q_proj,v_proj`, any algorithm) the trainer calls
 `apply_lora` on the policy before the algorithm is built and on `algo.module` after (critic / reward trunk), saves
-`lora_checkpoint` (adapters and heads, plus a pointer to the base), and `load_model` rebuilds the full weights from
-it. `python -m nanoalign.lora merge <run> <out>` writes a full checkpoint. Limits: the base must be a checkpoint
-(not `scratch`), and every LM in the module must have started from it.
+`lora_checkpoint` (adapters, heads and buffers, plus a pointer to the base), and `load_model` rebuilds the full
+weights from it. `python -m nanoalign.lora merge <run> <out>` writes a full checkpoint. Limits: the base must be a
+checkpoint (not `scratch`), and every LM in the module must have started from it, except a GPT that carries a
+`reward_model_spec` attribute (PPO's critic initialised from a reward model): its starting weights are that reward
+model's backbone, and the checkpoint records where to find them (`reward_trunks`).
 """
 import contextlib
 import math
@@ -221,17 +223,22 @@ def base_pointer(spec):
 
 
 def checkpointed_keys(module):
-    """What a LoRA checkpoint stores of `module`: the adapters and every other trainable parameter (heads)."""
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    return [k for k in module.state_dict() if k in trainable or is_lora_param(k)]
+    """What a LoRA checkpoint stores of `module`: the adapters and everything outside the frozen GPTs: the heads
+    and buffers such as a reward model's normalisation statistics (reward_mean / reward_std)."""
+    gpt_prefixes = tuple(gpt_modules(module))  # "" when module is a GPT: then every key is inside it
+    return [k for k in module.state_dict() if is_lora_param(k) or not k.startswith(gpt_prefixes)]
 
 
 def lora_checkpoint(module, cfg):
-    """The `model` and `lora` entries of a LoRA run's checkpoint: adapters and heads only, plus what it takes to
-    rebuild the full model (a pointer to the base, the adapters' shape, where each GPT sits in `module`)."""
+    """The `model` and `lora` entries of a LoRA run's checkpoint: adapters, heads and buffers only, plus what it
+    takes to rebuild the full model (a pointer to the base, the adapters' shape, where each GPT sits in `module`,
+    and which GPTs started from a reward model instead of the base)."""
     state = module.state_dict()
+    gpts = gpt_modules(module)
+    trunks = {prefix: base_pointer(gpt.reward_model_spec) for prefix, gpt in gpts.items()  # PPO's critic from an RM
+              if getattr(gpt, "reward_model_spec", None)}
     info = dict(base=base_pointer(cfg.init_from), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                targets=parse_targets(cfg.lora_targets), prefixes=list(gpt_modules(module)))
+                targets=parse_targets(cfg.lora_targets), prefixes=list(gpts), reward_trunks=trunks)
     return {"model": {k: state[k] for k in checkpointed_keys(module)}, "lora": info}
 
 
@@ -245,13 +252,18 @@ def load_lora_checkpoint(module, ckpt):
 
 
 def merged_state_dict(ckpt):
-    """The full `model` state dict of a LoRA checkpoint: the base's weights at every GPT prefix, each adapted
-    weight W + (alpha / r) B A, and the checkpoint's heads. Every GPT of the run must have started from the base
-    (true for the policy and for a critic or reward trunk copied from it)."""
+    """The full `model` state dict of a LoRA checkpoint: the starting weights at every GPT prefix (the base's, or
+    for a GPT listed in reward_trunks that reward model's backbone), each adapted weight W + (alpha / r) B A, and
+    the checkpoint's heads and buffers."""
+    from nanoalign.algos.rm import load_reward_model
     from nanoalign.checkpoint import load_model
     info, saved = ckpt["lora"], ckpt["model"]
     base = load_model(info["base"])[0].state_dict()
-    full = {prefix + k: v.clone() for prefix in info["prefixes"] for k, v in base.items()}
+    trunks = info.get("reward_trunks", {})
+    full = {}
+    for prefix in info["prefixes"]:
+        start = load_reward_model(trunks[prefix])[0].backbone.state_dict() if prefix in trunks else base
+        full.update({prefix + k: v.clone() for k, v in start.items()})
     scale = info["alpha"] / info["rank"]
     for key in saved:
         if key.endswith(".lora_A.weight"):

@@ -1,7 +1,9 @@
 """LoRA tests: exact equality with the base at init and with adapters disabled, merged vs unmerged after training,
 unmerge restores the base, only adapters train, parameter counts by hand, adapter-only state dicts round-trip;
 in the training run: DPO's LoRA-as-reference == an explicit frozen copy, adapter-only checkpoints that load, merge
-and resume, and 2-step CLI runs of the offline algorithms with LoRA."""
+and resume, and 2-step CLI runs of the offline algorithms with LoRA; PERL's setup: a LoRA reward model whose
+adapter-only checkpoint scores like the in-memory model, and PPO with adapters on the policy and on the critic
+(started from that reward model), the reference being the policy with its adapters off."""
 import contextlib
 import copy
 import json
@@ -13,17 +15,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoalign.algos.dpo import DPO, Reference
+from nanoalign.algos.ppo import PPO
+from nanoalign.algos.rm import RewardTrainer, load_reward_model
 from nanoalign.checkpoint import load_checkpoint, load_model, save_checkpoint
 from nanoalign.config import load_config
 from nanoalign.logps import batch_logps
-from nanoalign.lora import (LoRALinear, apply_lora, count_parameters, disable_lora, inject_lora, is_lora_param,
-                            load_lora_state_dict, lora_state_dict, mark_only_lora_trainable, merge_and_unload,
-                            merge_lora, unmerge_lora)
+from nanoalign.lora import (LoRALinear, apply_lora, count_parameters, disable_lora, gpt_modules, inject_lora,
+                            is_lora_param, load_lora_state_dict, lora_layers, lora_state_dict, mark_only_lora_trainable,
+                            merge_and_unload, merge_lora, merged_state_dict, unmerge_lora)
 from nanoalign.lora import main as lora_main  # the merge command
 from nanoalign.model import GPT, GPTConfig, llama_config
+from nanoalign.rollout import response_logps
+from nanoalign.scorers import RewardModelScorer
 from nanoalign.tokenizer import get_tokenizer
 from nanoalign.trainer import Context, build_policy, make_optimizer, train
 from train import algo_config, main as train_main
@@ -238,7 +245,7 @@ def test_lora_checkpoint_holds_adapters_loads_merges_and_resumes(run_files, tmp_
     ckpt = load_checkpoint(straight)
     assert set(ckpt["model"]) == {f"blocks.0.attn.{p}_proj.lora_{m}.weight" for p in "qv" for m in "AB"}
     assert ckpt["lora"] == dict(base=f"ckpt:{(run_files / 'base').resolve()}", rank=4, alpha=8.0,
-                                targets=["q_proj", "v_proj"], prefixes=[""])
+                                targets=["q_proj", "v_proj"], prefixes=[""], reward_trunks={})
     assert len(ckpt["optimizer"]["state"]) == 4  # AdamW state for the four adapter matrices only
 
     by_hand = load_model(f"ckpt:{run_files / 'base'}")[0]  # base + (alpha / r) B A, done here by hand
@@ -286,3 +293,93 @@ def test_two_steps_with_lora_for_other_algorithms(run_files, tmp_path, algo, ext
 def test_lora_from_scratch_is_refused(run_files, tmp_path):
     with pytest.raises(ValueError, match="pretrained"):
         train_main(run_args(run_files, tmp_path, init_from="scratch", tokenizer="bytes"))
+
+
+# --- PERL's setup: LoRA on the reward model, then on PPO's policy and critic ---
+
+def adapter_keys(prefix=""):
+    return {f"{prefix}blocks.0.attn.{p}_proj.lora_{m}.weight" for p in "qv" for m in "AB"}
+
+
+@pytest.fixture(scope="module")
+def lora_reward_model(run_files, tmp_path_factory):
+    """--algo=rm with LoRA for 2 steps: (its out dir, the RewardModel as it was in memory at the end of the run)."""
+    kept = []
+
+    class KeepModule(RewardTrainer):
+        def finish(self, model):
+            super().finish(model)  # the normalisation statistics are set here
+            kept.append(self.module)
+    out = train(load_config(run_args(run_files, tmp_path_factory.mktemp("rm"), algo="rm"), algo_config), KeepModule)
+    return out, kept[0]
+
+
+def test_rm_with_lora_trains_adapters_and_head_and_its_checkpoint_loads_as_the_same_reward_model(
+        run_files, lora_reward_model):
+    out, in_memory = lora_reward_model
+    trainable = {n for n, p in in_memory.named_parameters() if p.requires_grad}
+    assert trainable == adapter_keys("backbone.") | {"head.weight", "head.bias"}  # the scalar head trains fully
+    ckpt = load_checkpoint(out)
+    assert ckpt["kind"] == "reward" and ckpt["lora"]["prefixes"] == ["backbone."]
+    assert set(ckpt["model"]) == trainable | {"reward_mean", "reward_std"}  # adapters, head, normalisation only
+    assert len(ckpt["optimizer"]["state"]) == 6  # AdamW state for the 4 adapter matrices and the head's 2 tensors
+
+    loaded, tokenizer = load_reward_model(f"ckpt:{out}")  # the base's weights + merged adapters + head
+    rows = [json.loads(line) for line in open(run_files / "prefs.jsonl")]
+    prompts, completions = [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    scores = RewardModelScorer(loaded, tokenizer)(prompts, completions)
+    assert abs(scores.mean().item()) < 1e-4 and abs(scores.std().item() - 1) < 1e-4  # normalised on these samples
+    assert torch.allclose(scores, RewardModelScorer(in_memory, tokenizer)(prompts, completions), atol=1e-5)
+    with disable_lora(in_memory):  # the adapters matter: without them the scores differ
+        assert not torch.allclose(scores, RewardModelScorer(in_memory, tokenizer)(prompts, completions), atol=1e-3)
+
+
+def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(run_files, tmp_path):
+    cfg = load_config(run_args(run_files, tmp_path, algo="ppo", reward_model="gold", rollout_batch_size=8,
+                               ppo_epochs=1, max_new_tokens=6), algo_config)
+    policy, tokenizer = build_policy(cfg, torch.device("cpu"))
+    apply_lora(policy, cfg)
+    ppo = PPO(cfg, policy, tokenizer, Context(torch.device("cpu"), 0, 1, 4, 2, contextlib.nullcontext))
+    apply_lora(ppo.module, cfg)  # what the trainer does: the critic (a copy of the policy's trunk) gets adapters
+    assert list(gpt_modules(ppo.module)) == ["policy.", "critic.backbone."]
+    assert not isinstance(ppo.reference, nn.Module)  # pi_ref is a function of the policy, not a frozen copy
+    assert len(lora_layers(ppo.module.critic)) == 2 and ppo.module.critic.backbone is not policy
+    with torch.no_grad():
+        for layer in lora_layers(policy):  # move the policy away from the base (B = 0 would hide a wrong reference)
+            layer.lora_B.weight.normal_(0, 0.5)
+    batch = next(ppo.batches(0))  # a rollout of the moved policy
+    frozen_base = load_model(f"ckpt:{run_files / 'base'}")[0].eval()
+    ref = ppo.reference(batch)
+    assert torch.allclose(ref, response_logps(frozen_base, batch), atol=1e-6)
+    assert not torch.allclose(ref, response_logps(policy.eval(), batch), atol=1e-3)
+    assert batch["objective/kl"].item() > 1e-3  # the rollout's KL penalty used the same reference
+
+
+def test_cli_ppo_two_steps_with_lora_on_policy_and_critic_from_a_lora_reward_model(
+        run_files, lora_reward_model, tmp_path, capsys):
+    """PERL: the reward model, the policy and the critic (initialised from the reward model) all train adapters.
+    The CLI's main in process (test_cli_dpo_two_steps_with_lora covers the subprocess; this saves its start-up)."""
+    rm_dir, _ = lora_reward_model
+    out = train_main(run_args(run_files, tmp_path / "ppo", algo="ppo", reward_model=f"ckpt:{rm_dir}",
+                              rollout_batch_size=8, ppo_epochs=1, max_new_tokens=6))
+    assert "1,057 trainable parameters" in capsys.readouterr().out  # 2 x 512 adapters (policy, critic) + head 33
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 2 and len(ckpt["optimizer"]["state"]) == 10  # 8 adapter matrices + the value head
+    assert set(ckpt["model"]) == (adapter_keys("policy.") | adapter_keys("critic.backbone.") |
+                                  {"critic.head.weight", "critic.head.bias", "critic.reward_mean", "critic.reward_std"})
+    assert ckpt["lora"]["reward_trunks"] == {"critic.backbone.": f"ckpt:{Path(rm_dir).resolve()}"}
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert len(records) == 2 and all(v == v for r in records for v in r.values())  # logged, not NaN
+
+    full = merged_state_dict(ckpt)  # the critic's trunk starts from the reward model's, the policy's from the base
+    reward_model, _ = load_reward_model(f"ckpt:{rm_dir}")
+    starts = {"policy.": load_model(f"ckpt:{run_files / 'base'}")[0], "critic.backbone.": reward_model.backbone}
+    for prefix, start in starts.items():
+        for p in "qv":
+            layer = f"{prefix}blocks.0.attn.{p}_proj."
+            A, B = ckpt["model"][layer + "lora_A.weight"], ckpt["model"][layer + "lora_B.weight"]
+            by_hand = start.blocks[0].attn.get_submodule(f"{p}_proj").weight + 2.0 * B @ A  # alpha / r = 8 / 4
+            assert torch.allclose(full[layer + "weight"], by_hand, atol=1e-6), layer
+    base_q, reward_q = (start.blocks[0].attn.q_proj.weight for start in starts.values())
+    assert not torch.allclose(base_q, reward_q, atol=1e-3)  # the two starts differ: the check above has teeth
+    assert isinstance(load_model(f"ckpt:{out}")[0], GPT)  # the policy loads for sampling / the next stage

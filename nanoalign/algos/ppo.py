@@ -210,6 +210,7 @@ class PPO(Algorithm):
         else:
             critic = load_reward_model(cfg.reward_model, self.ctx.device)[0]
         critic.fold_normalisation()  # values in normalised score units, trained as such
+        critic.backbone.reward_model_spec = cfg.reward_model  # under LoRA, a merge rebuilds the trunk from the RM
         return critic.train().requires_grad_(True)
 
     def checkpoint_extra(self):
