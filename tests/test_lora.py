@@ -315,7 +315,7 @@ def lora_reward_model(run_files, tmp_path_factory):
 
 
 def test_rm_with_lora_trains_adapters_and_head_and_its_checkpoint_loads_as_the_same_reward_model(
-        run_files, lora_reward_model):
+        run_files, lora_reward_model, tmp_path):
     out, in_memory = lora_reward_model
     trainable = {n for n, p in in_memory.named_parameters() if p.requires_grad}
     assert trainable == adapter_keys("backbone.") | {"head.weight", "head.bias"}  # the scalar head trains fully
@@ -332,6 +332,9 @@ def test_rm_with_lora_trains_adapters_and_head_and_its_checkpoint_loads_as_the_s
     assert torch.allclose(scores, RewardModelScorer(in_memory, tokenizer)(prompts, completions), atol=1e-5)
     with disable_lora(in_memory):  # the adapters matter: without them the scores differ
         assert not torch.allclose(scores, RewardModelScorer(in_memory, tokenizer)(prompts, completions), atol=1e-3)
+    lora_main(["merge", str(out), str(tmp_path / "merged")])  # a full reward-model checkpoint, no base needed
+    merged, _ = load_reward_model(f"ckpt:{tmp_path / 'merged'}")
+    assert torch.allclose(RewardModelScorer(merged, tokenizer)(prompts, completions), scores, atol=1e-5)
 
 
 def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(run_files, tmp_path):
