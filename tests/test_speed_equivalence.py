@@ -1,6 +1,8 @@
 """Every speed optimisation against its plain version: the chunked completion log-probs (values, gradients, no
-(B, T, V) tensor, through DDP and torch.compile wrappers) and length-bucketed micro-batches (same examples per
-step, same chunks under any (world, accum) split, exact resume, less padding, same DPO step); and a benchmark smoke run.
+(B, T, V) tensor, through DDP and torch.compile wrappers), length-bucketed micro-batches (same examples per
+step, same chunks under any (world, accum) split, exact resume, less padding, same DPO step), fused AdamW on CPU
+(same steps as the for-loop AdamW), generate()'s inverse-CDF sampling (same distribution as torch.multinomial) and
+its prefill (head on the last position only; KV cache in the autocast dtype); and a benchmark smoke run.
 """
 import json
 import os
@@ -19,7 +21,7 @@ import nanoalign.data
 import nanoalign.logps
 from nanoalign.data import micro_batches, padding_fraction
 from nanoalign.logps import batch_logps, batch_logps_plain
-from nanoalign.model import GPT, GPTConfig, llama_config
+from nanoalign.model import GPT, GPTConfig, KVCache, llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 97
@@ -311,6 +313,93 @@ def test_ddp_two_processes_match_one_with_bucketing(tmp_path):
     losses = lambda d: [json.loads(line)["loss"] for line in open(Path(d) / "metrics.jsonl")]  # noqa: E731
     for a, b in zip(losses(one), losses(tmp_path / "two"), strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
+
+
+# ---------------------------------------------------------------------------------------- fused AdamW
+def test_fused_adamw_on_cpu_equals_the_for_loop_adamw():
+    """make_optimizer's fused AdamW (CPU and CUDA) takes the same steps as torch's plain for-loop AdamW, with the
+    same two weight-decay groups, over several steps of changing gradients."""
+    from types import SimpleNamespace
+    from nanoalign.trainer import make_optimizer
+    cfg = SimpleNamespace(weight_decay=0.1, lr=1e-2, adam_beta1=0.9, adam_beta2=0.95)
+    fused_model, plain_model = make("gpt2"), make("gpt2")
+    fused = make_optimizer(fused_model, cfg, torch.device("cpu"))
+    assert fused.defaults["fused"]
+    plain = torch.optim.AdamW([{**g, "params": [dict(plain_model.named_parameters())[n] for n, p in
+                                               fused_model.named_parameters() if any(p is q for q in g["params"])]}
+                               for g in fused.param_groups], lr=cfg.lr, betas=(0.9, 0.95), foreach=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    moved = 0.0
+    for (name, a), b, start in zip(fused_model.named_parameters(), plain_model.parameters(), make("gpt2").parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+        moved = max(moved, (a - start).abs().max().item())
+    assert moved > 1e-2  # the steps did move the weights (5 steps of lr 1e-2)
+
+
+# ---------------------------------------------------------------------------------------- generation
+def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_probabilities(monkeypatch):
+    """sample_categorical vs torch.multinomial: index by hand at chosen u, zero-probability entries never drawn
+    (unnormalised and top-k-filtered rows, u at the top edge), and frequencies of 200k draws within 5 standard
+    errors of the probabilities."""
+    from nanoalign.model import filter_logits, sample_categorical
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]])
+    cdf = [0.0, 0.2, 0.2, 0.7, 1.0, 1.0]
+    real_rand = torch.rand
+    for u, expected in [(0.0, 1), (0.1999, 1), (0.2001, 3), (0.69, 3), (0.71, 4), (1 - 1e-16, 4)]:
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full((1, 1), u, dtype=torch.float64))
+        assert sample_categorical(probs).item() == expected, (u, cdf)  # the uniform drawn is u
+    monkeypatch.setattr(torch, "rand", real_rand)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    kept = filter_logits(logits, top_k=5).softmax(-1)                            # 45 zeros per row
+    draws = torch.stack([sample_categorical(kept, g) for _ in range(2000)])      # (2000, 4)
+    assert bool((kept.gather(1, draws.T) > 0).all())
+    p = torch.tensor([[0.05, 0.15, 0.3, 0.5]]).expand(200_000, 4)
+    ours = torch.bincount(sample_categorical(p * 3.0, g), minlength=4) / 200_000  # unnormalised rows work too
+    plain = torch.bincount(torch.multinomial(p, 1, generator=g)[:, 0], minlength=4) / 200_000
+    se = (p[0] * (1 - p[0]) / 200_000).sqrt()
+    assert bool(((ours - p[0]).abs() < 5 * se).all()) and bool(((plain - p[0]).abs() < 5 * se).all())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_generate_head_on_last_prompt_position_and_autocast_kv_cache(name, monkeypatch):
+    """generate()'s prefill runs the head only at the last prompt position, and under autocast the KV cache holds
+    k, v in the autocast dtype: greedy tokens equal a plain full-recompute loop (head on every position, no cache),
+    fp32 exactly and bf16 in log-probs to bf16 precision."""
+    import nanoalign.model
+    model = make(name).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
+    cache_dtypes = []
+    monkeypatch.setattr(nanoalign.model, "KVCache", lambda *a: cache_dtypes.append(a[-1]) or KVCache(*a))
+
+    def plain_greedy(prompt, n):
+        seq, logps = list(prompt), []
+        for _ in range(n):
+            logp = torch.log_softmax(model(torch.tensor([seq]))[0, -1].float(), -1)  # (V,) every position's logits
+            seq.append(int(logp.argmax()))
+            logps.append(float(logp.max()))
+        return seq[len(prompt):], torch.tensor(logps)
+
+    with torch.no_grad():
+        out = model.generate(prompts, 12, temperature=0.0, eos_id=None)
+        for i, p in enumerate(prompts):
+            tokens, logps = plain_greedy(p, 12)
+            assert out.tokens[i].tolist() == tokens
+            torch.testing.assert_close(out.logprobs[i], logps, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.generate(prompts, 12, temperature=0.0, eos_id=None)
+            for i, p in enumerate(prompts):
+                seq = torch.tensor([p + out.tokens[i].tolist()])
+                fresh = torch.log_softmax(model(seq)[0, len(p) - 1:-1].float(), -1)       # (12, V)
+                torch.testing.assert_close(out.logprobs[i], fresh.gather(1, out.tokens[i][:, None])[:, 0],
+                                           rtol=0.05, atol=0.05)
+    assert cache_dtypes == [torch.float32, torch.bfloat16]
 
 
 # ---------------------------------------------------------------------------------------- the benchmark runs
