@@ -31,7 +31,7 @@ from nanoalign.bench import MODELS, ROLLOUT, write_data
 
 DPO_SHAPE = dict(prompt=(16, 48), completion=(16, 64), batch=4, micro=4)  # pairs per step: one micro-batch
 DEFAULTS = dict(model="gpt2", dtypes="fp32,bf16", repeats="3", steps="3", threads="", clock="wall",
-                tasks="dpo,generate")
+                tasks="dpo,generate", json="")
 
 
 def status_mb(field):
@@ -47,14 +47,16 @@ class Memory:
     code does not count) or CUDA max allocated; load_peak_mb keeps the peak of everything before."""
 
     def __init__(self, device):
-        self.device, self.load_peak_mb = device, 0.0
+        self.device, self.load_peak_mb, self.loaded_mb = device, 0.0, 0.0
 
     def loaded(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.loaded_mb = torch.cuda.memory_allocated(self.device) / 2**20
             return
         self.load_peak_mb = status_mb("VmHWM")
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        self.loaded_mb = status_mb("VmRSS")  # libraries + weights: the run's growth is measured above this
 
     def peak_mb(self):
         if self.device.type == "cuda":
@@ -176,7 +178,7 @@ def run_one(spec):
     else:
         times = nanoalign_dpo(spec, spec["model_dir"], spec["data"], device, clock, memory)
     return dict(step_s=statistics.median(times), times=times, peak_mb=memory.peak_mb(),
-                process_peak_mb=max(memory.load_peak_mb, memory.peak_mb()))
+                growth_mb=memory.peak_mb() - memory.loaded_mb, process_peak_mb=max(memory.load_peak_mb, memory.peak_mb()))
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -223,6 +225,9 @@ def main(argv=None):
                     print(f"repeat {repeat}: {task} {ref} {dtype} {lib}: {r['step_s']:.3f} s, "
                           f"peak {r['peak_mb']:.0f} MB", flush=True)
     print(format_table(results, cases, split("dtypes"), opts))
+    if opts["json"]:
+        Path(opts["json"]).write_text(json.dumps([dict(zip(("task", "ref", "dtype", "lib"), key), runs=runs)
+                                                  for key, runs in results.items()], indent=1))
 
 
 def format_table(results, cases, dtypes, opts):
@@ -230,8 +235,8 @@ def format_table(results, cases, dtypes, opts):
     lines = [f"model {opts['model']}; DPO: {DPO_SHAPE['batch']} pairs per step, prompt {DPO_SHAPE['prompt']} and "
              f"answers {DPO_SHAPE['completion']} tokens; generate: batch {shape['batch']}, prompt {shape['prompt']}, "
              f"{shape['new']} new tokens, sampling", "",
-             "| task | dtype | nanoalign s | peer s | speed-up (median of ratios) | nanoalign peak MB | peer peak MB |",
-             "|---|---|---|---|---|---|---|"]
+             "| task | dtype | nanoalign s | peer s | speed-up (median of ratios) | nanoalign peak MB | peer peak MB | "
+             "nanoalign growth MB | peer growth MB |", "|---|---|---|---|---|---|---|---|---|"]
     for (task, ref, libs), dtype in ((c, d) for c in cases for d in dtypes):
         ours, peer = results[(task, ref, dtype, libs[0])], results[(task, ref, dtype, libs[1])]
         med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
@@ -239,10 +244,12 @@ def format_table(results, cases, dtypes, opts):
         name = f"{task} (ref {ref})" if ref else task
         lines.append(f"| {name} vs {libs[1]} | {dtype} | {med(ours, 'step_s'):.3f} | {med(peer, 'step_s'):.3f} | "
                      f"{ratio:.2f}x | {med(ours, 'peak_mb'):.0f} ({med(ours, 'process_peak_mb'):.0f}) | "
-                     f"{med(peer, 'peak_mb'):.0f} ({med(peer, 'process_peak_mb'):.0f}) |")
+                     f"{med(peer, 'peak_mb'):.0f} ({med(peer, 'process_peak_mb'):.0f}) | {med(ours, 'growth_mb'):.0f} | "
+                     f"{med(peer, 'growth_mb'):.0f} |")
     lines.append("\ns: median seconds per optimizer step (DPO) or per generate() call. peak MB: resident set (CPU) or "
                  "max allocated (CUDA) from the end of weight loading to the end of the run; in brackets the whole "
-                 "process's peak, loading included.")
+                 "process's peak, loading included. growth MB: the run's peak above the memory held once the weights were loaded "
+                 "(libraries and weights excluded: activations, gradients, optimizer state, caches, tokenized data).")
     return "\n".join(lines)
 
 
