@@ -1,21 +1,31 @@
 """The reward-vs-KL frontier of the toy world: the picture of the DPO paper's Figure 2 (left), in minutes on a CPU.
 
     python -m nanoalign.toy.frontier --algos=dpo --betas=0.03,0.1,0.3,1.0 [--out=out/frontier] [--max_steps=...]
+    python -m nanoalign.toy.frontier --algos=cdpo,hinge,orpo,coh --values=default   # one run each, default settings
 
 For each algorithm, sweep its KL knob (the table KNOBS below: DPO's beta, ...) with every other setting at its
 default, run each point through train.py's main() (the toy world is built once and reused), and collect each run's
 eval.json (gold reward and KL(pi || pi_SFT) on held-out prompts) into <out>/frontier.csv and <out>/frontier.json,
-plus <out>/frontier.png (gold reward vs KL, one colour per algorithm, the SFT model at KL = 0) when matplotlib is
-installed. Any other --key=value goes to every run (e.g. --max_steps=100). Without --values/--betas each algorithm
-sweeps the values of its table entry.
+plus <out>/frontier.png (gold reward vs KL, one colour and marker per algorithm, the SFT model at KL = 0) when
+matplotlib is installed. Any other --key=value goes to every run (e.g. --max_steps=100). Without --values/--betas
+each algorithm sweeps the values of its table entry; the value "default" is a run at the algorithm's own defaults,
+in <out>/<algo>_default (the README table's settings).
+A finished run is reused, not retrained: when <out>/<algo>_<knob><value>/eval.json exists and the config saved in
+its ckpt.pt equals the one this sweep asks for (keys left "" or "auto" are filled at run time and not compared) and
+neither its data nor its init checkpoint is newer than its eval.json. --retrain trains every point again.
 Departure from the paper: one run per knob value at a fixed step count (the paper also plots several checkpoints
 of each run), and KL is per sequence on 256 held-out prompts with 1 sample each.
 """
 import argparse
 import csv
 import importlib.util
+import itertools
 import json
 from pathlib import Path
+
+from nanoalign.algos import get_algorithm, variant_defaults
+from nanoalign.checkpoint import checkpoint_path, load_checkpoint
+from nanoalign.config import config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where train.py lives
 
@@ -23,8 +33,19 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository root, where train.p
 # keeps the policy closer to the reference. Add a line when an algorithm lands.
 KNOBS = {
     "dpo": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "cdpo": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "robust": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "hinge": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "rdpo": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "dpop": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "rpo": ("beta", (0.03, 0.1, 0.3, 1.0)),  # beta of its DPO term (the NLL term pulls towards the chosen answers)
     "ipo": ("beta", (0.1, 0.3, 1.0, 3.0)),
     "kto": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    # reference-free: no KL term; a larger beta reaches the target margin (gamma / beta) sooner and stops earlier
+    "simpo": ("beta", (1.0, 2.0, 5.0, 10.0)),
+    "cpo": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "orpo": ("orpo_lambda", (0.05, 0.1, 0.3, 1.0)),  # weight of the odds-ratio term next to the NLL (no reference)
+    "coh": ("max_steps", (100, 200, 400)),  # SFT loss, no KL term: the amount of training is the brake
     "ppo": ("kl_coef", (0.01, 0.05, 0.2, 0.5)),  # beta of PPO's per-token KL penalty (RM scores in std units)
     "online_dpo": ("beta", (0.1, 0.3, 1.0, 3.0)),
     "rloo": ("kl_coef", (0.02, 0.05, 0.2, 0.5)),  # beta of the KL penalty in the reward: larger -> closer
@@ -43,17 +64,49 @@ def train_main():
     return module.main
 
 
-def sweep(algos: list[str], values: list[float] | None, out: Path, extra: list[str] = (), knobs: dict = KNOBS) -> list[dict]:
-    """Train and evaluate one run per (algorithm, knob value); returns the points, SFT first."""
-    main = train_main()
+def requested_config(argv: list[str]) -> dict:
+    """The config train.py resolves from `argv` before the toy world fills in its data and init paths."""
+    algo = load_config(argv, lambda name: get_algorithm(name).Config).algo
+    return config_to_dict(load_config(argv, lambda name: get_algorithm(name).Config, overrides=variant_defaults(algo)))
+
+
+def finished_run(out_dir: Path, requested: dict) -> bool:
+    """True when out_dir holds an evaluated run of the `requested` config that is newer than its inputs."""
+    result, ckpt = out_dir / "eval.json", checkpoint_path(out_dir)
+    if not (result.exists() and ckpt.exists()):
+        return False
+    saved = load_checkpoint(out_dir)["config"]
+    for key, value in requested.items():  # "" / "auto": the toy world's paths, device, dtype, chosen at run time
+        if key != "out_dir" and value not in ("", "auto") and saved.get(key, object()) != value:
+            return False
+    inputs = [Path(saved.get("data") or "")]  # Path("") is ".", not a file: no data file, nothing to compare
+    if saved.get("init_from", "").startswith("ckpt:"):
+        inputs.append(checkpoint_path(saved["init_from"]))
+    finished = result.stat().st_mtime
+    return not any(path.is_file() and path.stat().st_mtime > finished for path in inputs)  # a rebuilt input: stale
+
+
+def sweep(algos: list[str], values: list[float | None] | None, out: Path, extra: list[str] = (), knobs: dict = KNOBS,
+          retrain: bool = False) -> list[dict]:
+    """Train and evaluate one run per (algorithm, knob value), or reuse a finished one; a value None is a run at
+    the algorithm's defaults in <out>/<algo>_default. Returns the points, SFT first."""
+    main = None  # train.py's main(), loaded on the first run that needs training
     points = []
     for algo in algos:
         if algo not in knobs:
             raise SystemExit(f"no KL knob known for {algo!r}; add it to KNOBS in {__file__} (known: {', '.join(knobs)})")
         knob, defaults = knobs[algo]
         for value in values or defaults:
-            out_dir = out / f"{algo}_{knob}{value}"
-            main([f"--algo={algo}", f"--{knob}={value:g}", f"--out_dir={out_dir}", *extra])  # :g: 2.0 -> "2" for ints
+            setting = [] if value is None else [f"--{knob}={value:g}"]  # :g: 2.0 -> "2" for integer knobs
+            out_dir = out / (f"{algo}_default" if value is None else f"{algo}_{knob}{value}")
+            argv = [f"--algo={algo}", *setting, f"--out_dir={out_dir}", *extra]
+            requested = requested_config(argv)
+            if not retrain and finished_run(out_dir, requested):
+                print(f"frontier: reusing {out_dir} (finished, same config)")
+            else:
+                main = main or train_main()
+                main(argv)
+            value = requested[knob] if value is None else value
             result = json.loads((out_dir / "eval.json").read_text())
             if not points:  # every run samples the same SFT reference with the same seed: one point for it
                 points.append({"algo": "sft", "knob": "", "value": "", "kl": 0.0, "kl_se": 0.0,
@@ -99,22 +152,26 @@ def write_points(points: list[dict], out: Path) -> None:
 
 
 def plot(points: list[dict], path: Path) -> bool:
-    """Gold reward vs KL with +-1 standard error bars, one line per algorithm labelled with its knob values;
-    False without matplotlib."""
+    """Gold reward vs KL with +-1 standard error bars: one colour and marker per algorithm (a line through its
+    sweep, knob values written beside the points), the legend outside the axes; False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for algo in dict.fromkeys(p["algo"] for p in points if p["algo"] != "sft"):
+    algos = list(dict.fromkeys(p["algo"] for p in points if p["algo"] != "sft"))
+    colours = plt.get_cmap("tab20").colors if len(algos) > 10 else plt.get_cmap("tab10").colors
+    styles = zip(itertools.cycle(colours), itertools.cycle("osD^vP*Xhp<>"))  # 12 markers x 10-20 colours
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    for algo, (colour, marker) in zip(algos, styles):
         run = sorted((p for p in points if p["algo"] == algo), key=lambda p: p["kl"])
         ax.errorbar([p["kl"] for p in run], [p["gold_reward"] for p in run], xerr=[p["kl_se"] for p in run],
-                    yerr=[p["gold_reward_se"] for p in run], fmt="o-", capsize=2, label=f"{algo} ({run[0]['knob']})")
-        for p in run:
+                    yerr=[p["gold_reward_se"] for p in run], fmt=marker + "-", color=colour, markersize=5, capsize=2,
+                    elinewidth=0.8, label=f"{algo} ({run[0]['knob']})" if len(run) > 1 else algo)
+        for p in (run if len(run) > 1 else []):  # a single default point needs no value label
             ax.annotate(f"{p['value']:g}", (p["kl"], p["gold_reward"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7)
+                        fontsize=6, color=colour)
     for p in points:
         if p["algo"] == "sft":
             ax.plot([0.0], [p["gold_reward"]], "k*", markersize=12, label="SFT (reference)")
@@ -122,7 +179,7 @@ def plot(points: list[dict], path: Path) -> bool:
     ax.set_ylabel("gold reward (mean over held-out prompts)")
     ax.set_title("toy controlled sentiment: reward vs KL frontier")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # outside, on the right
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -133,21 +190,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algos", default="dpo", help="comma-separated algorithms with an entry in KNOBS")
     parser.add_argument("--values", "--betas", dest="values", default="",
-                        help="comma-separated knob values for every algorithm (default: each one's table values)")
+                        help="comma-separated knob values for every algorithm (default: each one's table values); "
+                             "'default' is one run at the algorithm's own settings, in <out>/<algo>_default")
     parser.add_argument("--out", default="out/frontier", help="folder for the runs, frontier.csv/.json/.png")
     parser.add_argument("--best_of_n", default="", help="comma-separated n: add best-of-n points (no training)")
+    parser.add_argument("--retrain", action="store_true", help="train every point again, even a finished run")
     args, extra = parser.parse_known_args(argv)
-    values = [float(v) for v in args.values.split(",")] if args.values else None
+    values = [None if v == "default" else float(v) for v in args.values.split(",")] if args.values else None
     out = Path(args.out)
-    points = sweep([a for a in args.algos.split(",") if a], values, out, extra)
+    points = sweep([a for a in args.algos.split(",") if a], values, out, extra, retrain=args.retrain)
     if args.best_of_n:  # after the sweep, which builds the toy world if it is missing
         points += best_of_n_points([int(n) for n in args.best_of_n.split(",")])
     write_points(points, out)
     plotted = plot(points, out / "frontier.png")
-    print(f"{'algo':<6}{'knob':>14}{'KL':>9}{'gold reward':>13}{'win rate':>10}{'grammatical':>13}")
+    print(f"{'algo':<10}{'knob':>18}{'KL':>9}{'gold reward':>13}{'win rate':>10}{'grammatical':>13}")
     for p in points:
         knob = f"{p['knob']}={p['value']:g}" if p["knob"] else "-"
-        print(f"{p['algo']:<6}{knob:>14}{p['kl']:>9.2f}{p['gold_reward']:>13.3f}{p['win_rate']:>10.3f}"
+        print(f"{p['algo']:<10}{knob:>18}{p['kl']:>9.2f}{p['gold_reward']:>13.3f}{p['win_rate']:>10.3f}"
               f"{p['grammatical']:>13.3f}")
     print(f"wrote {out / 'frontier.csv'}, {out / 'frontier.json'}"
           + (f", {out / 'frontier.png'}" if plotted else " (no plot: pip install matplotlib)"))
