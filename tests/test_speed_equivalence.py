@@ -150,6 +150,38 @@ def test_no_batch_by_vocab_tensor_in_forward_or_backward(fn, monkeypatch):
         assert tracker.largest == 4 * 20 * 4096
 
 
+class CountHeadMatmuls(TorchDispatchMode):
+    """Counts matmuls with a vocabulary-sized operand (the head's)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.count = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.count += any(isinstance(a, torch.Tensor) and self.vocab in a.shape for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunk_rows, backward_matmuls", [(1000, 2), (7, 2 * 6 + 5)])  # 38 rows: 1 or 6 chunks
+def test_last_chunk_logits_are_reused_not_recomputed(chunk_rows, backward_matmuls, monkeypatch):
+    """Backward recomputes the logits of every chunk but the last (kept from forward): one chunk -> the 2 gradient
+    matmuls only; 6 chunks -> 2 per chunk + 5 recomputations; and a second backward through a retained graph (the
+    saved logits already consumed) recomputes them and gets the same gradients."""
+    monkeypatch.setattr(nanoalign.logps, "CHUNK_ELEMENTS", chunk_rows * V)
+    model = make("gpt2")
+    ids, mask = batch()
+    assert int(mask[:, 1:].sum()) == 38  # completion rows through the head
+    logps, _, _ = batch_logps(model, ids, mask)
+    with CountHeadMatmuls(V) as counter:
+        logps.sum().backward(retain_graph=True)
+    assert counter.count == backward_matmuls
+    first = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    logps.sum().backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, first, rtol=1e-6, atol=1e-7)
+
+
 def test_fused_logps_through_ddp_wrapper():
     """DDP (gloo, one rank): the forward goes through the wrapper, gradients equal the plain version's."""
     store = dist.HashStore()
