@@ -82,7 +82,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanoalign.algos.sft import sft_loss
-from nanoalign.data import collate, load_examples, micro_batches
+from nanoalign.data import load_examples
 from nanoalign.logps import batch_logps
 from nanoalign.lora import disable_lora, lora_layers
 from nanoalign.trainer import Algorithm, to_device
@@ -244,14 +244,6 @@ class DPO(Algorithm):
                                self.collate, ctx)
                 self.reference = None  # the initial weights are not needed any more
                 log(f"dpo: reference log-probs precomputed for {len(self.examples) + len(self.eval_examples)} pairs")
-
-    def collate(self, examples):
-        return collate(examples, self.tokenizer.pad_id)
-
-    def batches(self, start_step):
-        c = self.ctx
-        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
-                             start_step, self.collate)
 
     def reference_logps(self, batch):
         """{"ref_chosen_logps": (B,), "ref_rejected_logps": (B,)} of a preference batch under pi_ref."""

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoalign.checkpoint import load_checkpoint
-from nanoalign.data import Filtered, collate, read_jsonl, report, tokenize_preference, tokenize_sft, micro_batches
+from nanoalign.data import Filtered, collate, read_jsonl, report, tokenize_preference, tokenize_sft
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.tokenizer import get_tokenizer
 from nanoalign.trainer import Algorithm
@@ -140,14 +140,6 @@ class RewardTrainer(Algorithm):
         log = print if ctx.master else (lambda *a, **k: None)
         self.examples = load_pairs(cfg.data, tokenizer, cfg.max_len, log)
         self.eval_examples = load_pairs(cfg.eval_data, tokenizer, cfg.max_len, log) if cfg.eval_data else []
-
-    def collate(self, examples):
-        return collate(examples, self.tokenizer.pad_id)  # 2B rows: the B chosen, then the B rejected
-
-    def batches(self, start_step):
-        c = self.ctx
-        return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
-                             start_step, self.collate)
 
     def pair_rewards(self, model, batch):
         rewards = model(batch["input_ids"], batch["attention_mask"])     # (2B,) one forward for both
