@@ -3,15 +3,19 @@ Overoptimization", arXiv:2210.10760, Figure 1 and Sec. 3): while PPO optimises a
 keeps rising with the distance from the initial policy d = sqrt(KL(pi || pi_init)) (their x-axis), and the gold
 reward rises, then flattens or falls. PPO against the gold reward itself is the control.
 
-    python -m nanoalign.toy.overoptimisation [--proxy=out/frontier/ppo_kl_coef*] [--gold=out/overopt/ppo_gold_*]
+    python -m nanoalign.toy.overoptimisation [--runs=out/frontier/ppo_kl_coef*,out/overopt/ppo_*]
                                              [--out=out/overopt] [--bin_width=0.5]
 
 Reads finished PPO runs (`train.py --algo=ppo --out_dir=...`; on the toy world the pipeline logs the gold reward of
-every rollout as objective/monitor_scores beside the optimised score objective/scores) and writes
-<out>/overopt.csv (one row per logged step of every run, plus each run's final held-out evaluation) and, when
-matplotlib is installed, <out>/overopt.png. --proxy and --gold are comma-separated folders or glob patterns: the
-runs that optimised the proxy reward model and the runs that optimised the gold reward (the folder name is not
-trusted to say which).
+every rollout as objective/monitor_scores beside the optimised score objective/scores). --runs is comma-separated
+folders or glob patterns. Each run's checkpoint config says which reward it optimised (reward_model: "gold", or a
+reward model "ckpt:<dir>", a proxy); runs are grouped by it. Writes <out>/overopt.csv (one row per logged step of
+every run, plus each run's final held-out evaluation) and, when matplotlib is installed, <out>/overopt.png.
+
+The picture in data/overoptimisation.png: the frontier's PPO runs (out/frontier/ppo_kl_coef{0.01,0.05,0.2,0.5},
+200 steps) and, in out/overopt, kl_coef=0 for 400 steps against the pipeline's proxy RM, the gold reward
+(--reward_model=gold, also at kl_coef=0.01 for 200 steps) and a weak RM (--algo=rm on the first 1000 of the 8972
+annotated pairs, 100 steps: --reward_model=ckpt:out/overopt/rm_weak); the commands are in the README.
 
 Units: the proxy RM's scores are normalised to mean 0 / std 1 on reference samples (algos/rm.py); to compare the
 gold reward on the same footing, gold_z = (gold - m) / s, with m and s the SFT model's mean and standard deviation
@@ -29,61 +33,71 @@ import json
 import math
 from pathlib import Path
 
-COLUMNS = ("run", "optimised", "kl_coef", "source", "step", "kl", "sqrt_kl", "proxy_score", "gold_reward", "gold_z")
+from nanoalign.checkpoint import load_checkpoint
+
+COLUMNS = ("run", "reward_model", "kl_coef", "source", "step", "kl", "sqrt_kl", "proxy_score", "gold_reward",
+           "gold_z")
 
 
 def expand(patterns: str) -> list[Path]:
-    """Comma-separated folders or glob patterns -> the existing folders, sorted, each once."""
+    """Comma-separated folders or glob patterns -> the existing folders with a finished run (eval.json), sorted,
+    each once."""
     found = []
     for pattern in filter(None, patterns.split(",")):
-        found += sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).is_dir() else [])
-    return [Path(p) for p in dict.fromkeys(found) if Path(p).is_dir()]
+        found += sorted(glob.glob(pattern)) or [pattern]
+    return [Path(p) for p in dict.fromkeys(found) if (Path(p) / "eval.json").exists()]
 
 
-def read_run(run: Path, optimised: str) -> list[dict]:
+def read_run(run: Path) -> list[dict]:
     """One run folder -> its rows: one per metrics.jsonl line with rollout statistics (source "rollout"), then the
-    final held-out evaluation (source "eval"). optimised: "proxy" (objective/scores is the proxy RM's score and
-    objective/monitor_scores the gold reward) or "gold" (the gold reward is the optimised score)."""
-    if optimised not in ("proxy", "gold"):
-        raise ValueError(f"optimised must be 'proxy' or 'gold', got {optimised!r}")
+    final held-out evaluation (source "eval"). A run that optimised a reward model has its score in
+    objective/scores (proxy_score) and the gold reward in objective/monitor_scores; a run that optimised "gold" has
+    no proxy score."""
+    config = load_checkpoint(run)["config"]
+    reward_model = config["reward_model"]
+    if reward_model != "gold" and config.get("monitor_reward") != "gold":
+        raise ValueError(f"{run}: optimised {reward_model} without logging the gold reward; rerun with "
+                         "--monitor_reward=gold")
     result = json.loads((run / "eval.json").read_text())
     gold_mean = result["ref_gold_reward"]                                     # the SFT model on held-out prompts
     gold_std = result["ref_gold_reward_se"] * math.sqrt(result["n"])          # se = std / sqrt(n)
-    rows = []
 
-    def row(source, step, kl, kl_coef, proxy, gold):
-        return {"run": str(run), "optimised": optimised, "kl_coef": kl_coef, "source": source, "step": step,
-                "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),  # the sampled k1 KL can dip below 0 near the start
+    def row(source, step, kl, proxy, gold):
+        return {"run": str(run), "reward_model": reward_model, "kl_coef": config["kl_coef"], "source": source,
+                "step": step, "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)),  # a sampled k1 KL can dip below 0
                 "proxy_score": proxy, "gold_reward": gold, "gold_z": (gold - gold_mean) / gold_std}
 
+    rows = []
     for n, line in enumerate((run / "metrics.jsonl").read_text().splitlines(), 1):
         m = json.loads(line)
         if "objective/kl" not in m:                                           # not a PPO rollout row
             continue
-        if optimised == "proxy" and "objective/monitor_scores" not in m:
-            raise ValueError(f"{run / 'metrics.jsonl'}:{n}: no objective/monitor_scores (the gold reward); rerun with "
-                             "--monitor_reward=gold")
+        if "objective/monitor_scores" not in m and reward_model != "gold":
+            raise ValueError(f"{run / 'metrics.jsonl'}:{n}: no objective/monitor_scores (the gold reward)")
         # a gold run's objective/scores has the missing-EOS penalty subtracted; its monitor (gold again) has not
         gold = m.get("objective/monitor_scores", m["objective/scores"])
-        proxy = m["objective/scores"] if optimised == "proxy" else ""
-        rows.append(row("rollout", m["step"], m["objective/kl"], m.get("objective/kl_coef", ""), proxy, gold))
-    last_coef = rows[-1]["kl_coef"] if rows else ""
-    rows.append(row("eval", rows[-1]["step"] if rows else "", result["kl"], last_coef, "", result["gold_reward"]))
+        proxy = "" if reward_model == "gold" else m["objective/scores"]
+        rows.append(row("rollout", m["step"], m["objective/kl"], proxy, gold))
+    rows.append(row("eval", config["max_steps"], result["kl"], "", result["gold_reward"]))
     return rows
 
 
-def collect(proxy_runs: list[Path], gold_runs: list[Path]) -> list[dict]:
-    return ([r for run in proxy_runs for r in read_run(run, "proxy")]
-            + [r for run in gold_runs for r in read_run(run, "gold")])
+def collect(runs: list[Path]) -> list[dict]:
+    return [r for run in runs for r in read_run(run)]
 
 
-def binned(rows: list[dict], optimised: str, key: str, width: float, min_count: int = 2) -> list[dict]:
-    """Rollout rows of one group, pooled over runs, in bins [k * width, (k + 1) * width) of sqrt(KL): per bin the
-    index k, the mean sqrt(KL), the mean of `key` and its standard error (over rows). Bins with fewer than min_count rows
-    are left out (a bin of one row has se nan)."""
+def groups(rows: list[dict]) -> list[str]:
+    """The optimised rewards, in order of first appearance."""
+    return list(dict.fromkeys(r["reward_model"] for r in rows))
+
+
+def binned(rows: list[dict], reward_model: str, key: str, width: float, min_count: int = 2) -> list[dict]:
+    """Rollout rows of the runs that optimised reward_model, pooled, in bins [k * width, (k + 1) * width) of
+    sqrt(KL): per bin its index k, the mean sqrt(KL), the mean of `key` and its standard error (over rows). Bins
+    with fewer than min_count rows are left out (a bin of one row has se nan)."""
     bins = {}
     for r in rows:
-        if r["optimised"] == optimised and r["source"] == "rollout" and r[key] != "":
+        if r["reward_model"] == reward_model and r["source"] == "rollout" and r[key] != "":
             bins.setdefault(int(r["sqrt_kl"] // width), []).append(r)
     out = []
     for k in sorted(bins):
@@ -108,32 +122,34 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path, width: float) -> bool:
-    """Left: the proxy-optimised runs, proxy score and gold reward (both in SFT-std units) vs sqrt(KL), binned.
-    Right: the gold reward vs sqrt(KL) of PPO on the proxy RM and PPO on the gold reward, binned, with each run's
-    held-out evaluation. False without matplotlib."""
+    """Left: for each reward model optimised, its score and the gold reward (both in SFT-std units) vs sqrt(KL).
+    Right: the gold reward vs sqrt(KL) for every optimised reward (gold included), with each run's held-out
+    evaluation as a star. Binned training rollouts, +-1 standard error. False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label, style in (("proxy_score", "proxy RM score (optimised)", "o--"),
-                              ("gold_z", "gold reward, standardised", "s-")):
-        b = binned(rows, "proxy", key, width)
-        left.errorbar([p["sqrt_kl"] for p in b], [p["mean"] for p in b], yerr=[p["se"] for p in b], fmt=style,
-                      capsize=2, label=label)
-    left.set_ylabel("score (std units of the SFT model's samples)")
-    left.set_title("PPO on the proxy reward model")
-    for optimised, colour in (("proxy", "C0"), ("gold", "C3")):
-        b = binned(rows, optimised, "gold_reward", width)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, reward in enumerate(groups(rows)):
+        colour, name = f"C{i}", reward.removeprefix("ckpt:")
+        if reward != "gold":
+            for key, label, style in (("proxy_score", f"{name} score (optimised)", "o--"),
+                                      ("gold_z", f"gold reward, standardised ({name} run)", "s-")):
+                b = binned(rows, reward, key, width)
+                left.errorbar([p["sqrt_kl"] for p in b], [p["mean"] for p in b], yerr=[p["se"] for p in b], fmt=style,
+                              color=colour, capsize=2, label=label)
+        b = binned(rows, reward, "gold_reward", width)
         right.errorbar([p["sqrt_kl"] for p in b], [p["mean"] for p in b], yerr=[p["se"] for p in b], fmt="o-",
-                       color=colour, capsize=2, label=f"PPO on the {optimised} reward (training rollouts)")
-        final = [r for r in rows if r["optimised"] == optimised and r["source"] == "eval"]
+                       color=colour, capsize=2, label=f"PPO on {name} (training rollouts)")
+        final = [r for r in rows if r["reward_model"] == reward and r["source"] == "eval"]
         right.plot([r["sqrt_kl"] for r in final], [r["gold_reward"] for r in final], "*", color=colour,
-                   markersize=10, label=f"PPO on the {optimised} reward (held-out eval, end of run)")
+                   markersize=10, label=f"PPO on {name} (held-out eval, end of run)")
+    left.set_ylabel("score (std units of the SFT model's samples)")
+    left.set_title("optimised proxy score vs gold reward")
     right.set_ylabel("gold reward")
-    right.set_title("gold reward: optimising the proxy vs the gold reward")
+    right.set_title("gold reward by optimised reward")
     for ax in (left, right):
         ax.set_xlabel("sqrt(KL(pi || pi_SFT)), sqrt(nats)")
         ax.grid(alpha=0.3)
@@ -146,30 +162,29 @@ def plot(rows: list[dict], path: Path, width: float) -> bool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--proxy", default="out/frontier/ppo_kl_coef*", help="runs that optimised the proxy RM")
-    parser.add_argument("--gold", default="out/overopt/ppo_gold_*", help="runs that optimised the gold reward")
+    parser.add_argument("--runs", default="out/frontier/ppo_kl_coef*,out/overopt/ppo_*",
+                        help="comma-separated finished PPO run folders or glob patterns")
     parser.add_argument("--out", default="out/overopt", help="folder for overopt.csv and overopt.png")
     parser.add_argument("--bin_width", type=float, default=0.5, help="bin width in sqrt(KL)")
     args = parser.parse_args(argv)
-    proxy_runs, gold_runs = expand(args.proxy), expand(args.gold)
-    if not proxy_runs and not gold_runs:
-        raise SystemExit(f"no run folders match --proxy={args.proxy} or --gold={args.gold}")
-    rows = collect(proxy_runs, gold_runs)
+    runs = expand(args.runs)
+    if not runs:
+        raise SystemExit(f"no finished runs (with eval.json) match --runs={args.runs}")
+    rows = collect(runs)
     out = Path(args.out)
     write_csv(rows, out / "overopt.csv")
     plotted = plot(rows, out / "overopt.png", args.bin_width)
-    for optimised in ("proxy", "gold"):
-        proxy, gold = (binned(rows, optimised, key, args.bin_width) for key in ("proxy_score", "gold_reward"))
-        if not gold:
-            continue
-        proxy_at = {p["bin"]: p for p in proxy}
-        print(f"PPO on the {optimised} reward ({sum(r['optimised'] == optimised for r in rows)} rows):")
+    for reward in groups(rows):
+        proxy = {p["bin"]: p for p in binned(rows, reward, "proxy_score", args.bin_width)}
+        count = len({r["run"] for r in rows if r["reward_model"] == reward})
+        print(f"PPO on {reward}, {count} run(s):")
         print(f"{'sqrt(KL)':>9}{'rows':>6}{'gold reward':>16}{'proxy score':>16}")
-        for g in gold:
-            p = proxy_at.get(g["bin"])
+        for g in binned(rows, reward, "gold_reward", args.bin_width):
+            p = proxy.get(g["bin"])
             shown = f"{p['mean']:>8.3f} +- {p['se']:.3f}" if p else f"{'-':>16}"
             print(f"{g['sqrt_kl']:>9.2f}{g['count']:>6}{g['mean']:>8.3f} +- {g['se']:.3f}{shown}")
-    print(f"wrote {out / 'overopt.csv'}" + (f", {out / 'overopt.png'}" if plotted else " (no plot: pip install matplotlib)"))
+    plot_note = f", {out / 'overopt.png'}" if plotted else " (no plot: pip install matplotlib)"
+    print(f"wrote {out / 'overopt.csv'}{plot_note}")
     return rows
 
 
