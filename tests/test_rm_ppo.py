@@ -260,12 +260,15 @@ def test_rm_and_ppo_two_step_runs(data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- slow
-# Measured on the default toy world (out/toy, 1499 held-out pairs): accuracy vs the gold direction 0.759, vs the
-# annotator's labels 0.696 while the annotator agrees with the gold direction 0.817, Pearson r 0.66. The thresholds
-# leave room for the weaker "small" world the test builds. The issue's target (> 90% vs gold) is NOT reached by this
-# 1M-parameter RM on ~9000 noisy pairs: pairs of two same-sentiment samples differ by a few hundredths of gold
-# reward, where the annotator's labels are close to coin flips.
-RM_GOLD_ACCURACY, RM_LABEL_GAP, RM_GOLD_CORRELATION = 0.70, 0.15, 0.5
+# Measured (1 thread, CPU). The "small" world this test builds (3567 training pairs, 1504 held-out pairs), two runs
+# of the test: accuracy vs the gold direction 0.697 / 0.715, vs the annotator's labels 0.645 / 0.660 while the
+# annotator agrees with the gold direction 0.807, Pearson r 0.54 / 0.56 (the rebuilt world is not bit-identical from
+# run to run). The default toy world's RM (out/toy/rm, 8972 pairs; what PPO's default run uses; 1495 held-out pairs):
+# 0.761, 0.698 vs 0.813, r 0.69. The thresholds are the lower small-world run less about 4 standard errors (se ~0.012
+# over 1504 pairs): far above the 0.5 of an RM that learned nothing. The issue's target (> 90% vs gold)
+# is NOT reached by this 1M-parameter RM on a few thousand noisy pairs: pairs of two same-sentiment samples differ
+# by a few hundredths of gold reward, where the annotator's labels are close to coin flips.
+RM_GOLD_ACCURACY, RM_LABEL_GAP, RM_GOLD_CORRELATION = 0.65, 0.21, 0.45
 def heldout_pairs(model, tokenizer, prompts, k, seed, tau):
     """For each prompt, k SFT samples and all their pairs: (prompt, a, b, gold(a), gold(b), annotator says a)."""
     from nanoalign.toy.evaluate import completion_text, model_sampler, sample_completions
@@ -287,9 +290,10 @@ def heldout_pairs(model, tokenizer, prompts, k, seed, tau):
 @pytest.mark.slow
 def test_reward_model_on_heldout_toy_pairs(tmp_path, monkeypatch):
     """The small toy world and its proxy reward model, built by the pipeline's rm stage exactly as PPO's default run
-    builds it (about 5 minutes on a free CPU). On all pairs of 4 SFT samples for each held-out prompt: accuracy vs
-    the gold direction, accuracy vs fresh annotator labels compared with the annotator's own agreement with the
-    gold direction (the ceiling for any model), and the correlation of the RM's scores with the gold reward."""
+    builds it (11 and 27 minutes measured on one core shared with other jobs, most of it in the rm stage). On all
+    pairs of 4 SFT samples for each held-out prompt: accuracy vs the gold direction, accuracy vs fresh annotator
+    labels compared with the annotator's own agreement with the gold direction (the ceiling for any model), and the
+    correlation of the RM's scores with the gold reward."""
     from nanoalign.checkpoint import load_checkpoint, model_from_checkpoint
     from nanoalign.data import read_jsonl
     from nanoalign.toy.pipeline import prepare, toy_dir
