@@ -202,8 +202,9 @@ def test_reward_loss_by_hand():
     assert reward_loss(c, r, center_coef=0.1).item() == pytest.approx(math.log(1 + math.exp(-1)) + 0.1, abs=1e-6)
 
 
-def test_reward_model_reads_the_last_real_token_whatever_the_padding():
-    rm = RewardModel(tiny_gpt(0)).eval()
+@pytest.mark.parametrize("readout", ["eos", "sum"])
+def test_reward_model_reads_the_last_real_token_whatever_the_padding(readout):
+    rm = RewardModel(tiny_gpt(0), readout).eval()
     seqs = [TOK.encode("the plot was great .") + [TOK.eos_id], TOK.encode("i would not") + [TOK.eos_id]]
     alone = torch.stack([rm(torch.tensor([s]))[0] for s in seqs])
     T = 12
@@ -216,17 +217,19 @@ def test_reward_model_reads_the_last_real_token_whatever_the_padding():
     assert last_token_index(right_mask).tolist() == [len(seqs[0]) - 1, len(seqs[1]) - 1]
     assert torch.allclose(rm(right, right_mask), alone, atol=1e-5)
     assert torch.allclose(rm(left, left_mask), alone, atol=1e-5)
-    h = rm.backbone.hidden_states(torch.tensor([seqs[1]]))[0, -1]  # the EOS position's hidden state, by hand
-    assert rm(right, right_mask)[1].item() == pytest.approx(rm.head(h).item(), abs=1e-5)
+    h = rm.backbone.hidden_states(torch.tensor([seqs[1]]))  # (1, T, C) hidden states, by hand
+    by_hand = rm.head(h[0, -1]) if readout == "eos" else rm.head(h[0]).sum()  # EOS position, or every token
+    assert rm(right, right_mask)[1].item() == pytest.approx(by_hand.item(), abs=1e-4)
 
 
-def test_fold_normalisation_keeps_the_outputs():
-    rm = RewardModel(tiny_gpt(0)).eval()
+@pytest.mark.parametrize("readout", ["eos", "sum"])
+def test_fold_normalisation_keeps_the_outputs(readout):
+    rm = RewardModel(tiny_gpt(0), readout).eval()
     ids = torch.tensor([TOK.encode("the plot was great .")])
     rm.normalise(0.3, 2.0)
     before = rm.token_values(ids)
     rm.fold_normalisation()
-    assert rm.reward_mean.item() == 0 and rm.reward_std.item() == 1
+    assert rm.reward_std.item() == 1 and rm.reward_mean.item() == (0 if readout == "eos" else pytest.approx(0.15))
     assert torch.allclose(rm.token_values(ids), before, atol=1e-5)
 
 
@@ -257,6 +260,17 @@ def test_rm_and_ppo_two_step_runs(data, tmp_path):
         policy, _ = load_model(f"ckpt:{out}")                  # the policy's weights, found by policy_prefix
         assert isinstance(policy, GPT)
     assert "objective/monitor_scores" in json.loads((tmp_path / "proxy" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_sum_readout_survives_the_checkpoint(data, tmp_path):
+    """--rm_readout=sum is read back from the checkpoint's config: the loaded model's scores on the reference samples
+    have the mean 0, std 1 of its stored statistics (an EOS readout with those statistics would not)."""
+    rm_dir = train_main(tiny_args(algo="rm", data=data / "prefs.jsonl", out_dir=tmp_path / "rm", rm_readout="sum"))
+    rm, tok = load_reward_model(f"ckpt:{rm_dir}")
+    assert rm.readout == "sum"
+    prompts = [p for p, _, _ in PAIRS * 2] * 2
+    scores = RewardModelScorer(rm, tok)(prompts, [c for _, c, _ in PAIRS * 2] + [r for _, _, r in PAIRS * 2])
+    assert abs(scores.mean().item()) < 1e-4 and abs(scores.std().item() - 1) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------- slow

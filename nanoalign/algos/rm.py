@@ -12,6 +12,11 @@ initialised N(0, 1/sqrt(d + 1)); after training the rewards are normalised to me
 samples (the training completions by default, or --rm_norm_data, e.g. samples of the SFT policy), and the two
 statistics are stored in the model (buffers reward_mean / reward_std) so every user of the checkpoint gets
 normalised scores: PPO's KL coefficient is then in units of reward standard deviations.
+Option (ours, not in the papers): --rm_readout=sum scores a sequence by the SUM of the head over all its real tokens
+(prompt, completion, EOS) instead of the head at the EOS. It fits rewards that add up over the text, like the toy
+world's gold reward, sigmoid of a sum of per-word sentiment weights (each in the context of its "not"/"very"): the
+EOS readout must gather a sum whose number of terms varies through attention, which averages. token_values(t) is
+then the running sum up to t (the score if the text ended at t), which is what a critic started from it reads.
 Departures: InstructGPT trains on all K-choose-2 comparisons of a prompt in one batch element; we treat each pair as
 an independent example (TRL's choice). Lm-human-preferences normalises with samples of the policy at the start of
 training and again after; we normalise once, at the end.
@@ -53,9 +58,11 @@ class RewardModel(nn.Module):
     normalised reward read at the last real token; token_values(...) -> (B, T) the head at every position (a
     critic initialised from the reward model reads it there)."""
 
-    def __init__(self, backbone: GPT):
+    def __init__(self, backbone: GPT, readout: str = "eos"):
         super().__init__()
-        self.backbone = backbone
+        if readout not in ("eos", "sum"):
+            raise ValueError(f"rm_readout={readout!r}: choose eos or sum")
+        self.backbone, self.readout = backbone, readout
         d = backbone.cfg.n_embd
         self.head = nn.Linear(d, 1)
         nn.init.normal_(self.head.weight, std=1 / (d + 1) ** 0.5)       # lm-human-preferences' init
@@ -66,8 +73,13 @@ class RewardModel(nn.Module):
         self.register_buffer("reward_std", torch.ones(()))
 
     def token_values(self, input_ids, attention_mask=None):
+        """(B, T): at each position t the normalised score the model would give if the sequence ended at t."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         h = self.backbone.hidden_states(input_ids, attention_mask)      # (B, T, C)
         raw = self.head(h).squeeze(-1).float()                           # (B, T)
+        if self.readout == "sum":
+            raw = (raw * attention_mask).cumsum(dim=1)                   # sum_{s <= t} head(h_s) over real tokens
         return (raw - self.reward_mean) / self.reward_std
 
     def forward(self, input_ids, attention_mask=None):
@@ -85,10 +97,15 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def fold_normalisation(self):
         """Fold (raw - mean) / std into the head (w / std, (b - mean) / std) and reset the statistics to 0 / 1: the
-        same outputs, but gradients see normalised units (for a critic initialised from this model)."""
+        same outputs, but gradients see normalised units (for a critic initialised from this model). Under the sum
+        readout the mean is subtracted once from a sum of T terms, so only the std is folded and the mean kept."""
         self.head.weight.div_(self.reward_std)
-        self.head.bias.sub_(self.reward_mean).div_(self.reward_std)
-        self.normalise(0.0, 1.0)
+        self.head.bias.div_(self.reward_std)
+        if self.readout == "eos":
+            self.head.bias.sub_(self.reward_mean / self.reward_std)     # (b - mean) / std
+            self.normalise(0.0, 1.0)
+        else:
+            self.normalise(self.reward_mean / self.reward_std, 1.0)     # (sum - mean) / std = sum / std - mean / std
 
 
 def load_reward_model(spec, device="cpu"):
@@ -100,7 +117,8 @@ def load_reward_model(spec, device="cpu"):
     if "lora" in ckpt:  # adapter-only checkpoint: base weights + merged adapters (nanoalign/lora.py)
         from nanoalign.lora import merged_state_dict
         state = merged_state_dict(ckpt)
-    model = RewardModel(GPT(GPTConfig(**ckpt["model_config"])))
+    readout = ckpt.get("config", {}).get("rm_readout", "eos")  # checkpoints older than the option read at EOS
+    model = RewardModel(GPT(GPTConfig(**ckpt["model_config"])), readout)
     model.load_state_dict(state)
     return model.to(device).eval(), get_tokenizer(ckpt["tokenizer"])
 
@@ -125,6 +143,7 @@ class Config:
     rm_norm_data: str = ""  # JSONL {"prompt","completion"} of reference samples for the final normalisation;
     #                        "" -> the chosen and rejected completions of the training data
     rm_norm_samples: int = 2048  # at most this many reference samples
+    rm_readout: str = "eos"  # "eos": the head on the last token; "sum": the sum of the head over every real token
 
 
 class RewardTrainer(Algorithm):
@@ -136,7 +155,7 @@ class RewardTrainer(Algorithm):
 
     def __init__(self, cfg, policy, tokenizer, ctx):
         super().__init__(cfg, policy, tokenizer, ctx)
-        self.module = RewardModel(policy)
+        self.module = RewardModel(policy, cfg.rm_readout)
         log = print if ctx.master else (lambda *a, **k: None)
         self.examples = load_pairs(cfg.data, tokenizer, cfg.max_len, log)
         self.eval_examples = load_pairs(cfg.eval_data, tokenizer, cfg.max_len, log) if cfg.eval_data else []
