@@ -50,7 +50,7 @@ def test_a_changed_setting_or_a_newer_input_trains_again(fake_training):
     frontier.sweep(["dpo"], [0.1], frontier.Path("out"), ["--max_steps=5"])
     frontier.sweep(["dpo"], [0.1], frontier.Path("out"), ["--max_steps=6"])  # another step count: not the same run
     assert len(calls) == 2
-    frontier.sweep(["dpo"], [0.1], frontier.Path("out"), ["--max_steps=6", "--dtype=auto"])  # "auto": filled at run time
+    frontier.sweep(["dpo"], [0.1], frontier.Path("out"), ["--max_steps=6", "--dtype=auto"])  # "auto": set at run time
     assert len(calls) == 2
     later = time.time() + 10
     os.utime(data, (later, later))  # the toy world's data rebuilt after the run: its result is stale
@@ -80,3 +80,11 @@ def test_default_runs_are_named_by_algo_and_plotted_with_many_algorithms(fake_tr
     assert all((tmp_path / "out" / f"{a}_default" / "eval.json").exists() for a in algos)
     pytest.importorskip("matplotlib")
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 1000
+
+
+def test_sweeps_and_default_runs_share_one_table(fake_training):
+    calls, _, _ = fake_training
+    points = frontier.main(["--algos=dpo", "--values=0.1,0.3", "--defaults=orpo,coh", "--out=out"])
+    assert [(p["algo"], p["value"]) for p in points] == [("sft", ""), ("dpo", 0.1), ("dpo", 0.3), ("orpo", 0.1),
+                                                         ("coh", 200)]
+    assert calls[-1] == ["--algo=coh", "--out_dir=out/coh_default"]

@@ -19,6 +19,7 @@ from nanoalign.algos.kto import KTO
 from nanoalign.config import load_config
 from nanoalign.data import Filtered
 from nanoalign.tokenizer import get_tokenizer
+from nanoalign.toy.evaluate import evaluate
 from nanoalign.trainer import Context, build_policy
 from train import algo_config, main as train_main
 
@@ -149,6 +150,23 @@ def test_coh_sequences_put_the_loss_on_the_answers_only():
     assert tokenize_segments(hindsight_segments(*args), tok, 61, filtered) is None and filtered.dropped["too_long"] == 1
 
 
+def test_coh_phrase_first_repeats_the_prompt_after_each_phrase():
+    """coh_phrase_first: "Good: the film was good .<eos> Bad: the film was bad .<eos>", loss on the answers only;
+    nothing is cut (the prompt appears twice): a sequence over max_len is dropped."""
+    tok = get_tokenizer("bytes")
+    E, enc = tok.eos_id, tok.encode
+    segments = hindsight_segments("the film", " was good .", " was bad .", "Good:", "Bad:", phrase_first=True)
+    assert segments == [("Good:", False), (" the film", False), (" was good .", True), (" Bad:", False),
+                        (" the film", False), (" was bad .", True)]
+    filtered = Filtered()
+    example = tokenize_segments(segments, tok, 200, filtered, cut_prompt=False)
+    assert example["input_ids"] == enc("Good: the film was good .") + [E] + enc(" Bad: the film was bad .") + [E]
+    assert [t for t, m in zip(*example.values()) if m] == enc(" was good .") + [E] + enc(" was bad .") + [E]
+    assert tokenize_segments(segments, tok, 50, filtered, cut_prompt=False) is None  # 51 tokens
+    assert filtered.dropped["too_long"] == 1 and filtered.truncated == 0
+    assert CoH.format_prompt({"coh_positive": "Good:", "coh_phrase_first": True}, "the film") == "Good: the film"
+
+
 def test_coh_format_prompt_and_random_order(pref_file, tmp_path):
     coh, _ = build(CoH, *tiny_args(pref_file, tmp_path, algo="coh", max_len=96))
     assert CoH.format_prompt(coh.cfg, "the film") == "the film A helpful answer:"
@@ -157,6 +175,20 @@ def test_coh_format_prompt_and_random_order(pref_file, tmp_path):
     assert len(coh.examples) > 50
     starts = {coh.tokenizer.decode(e["input_ids"]).split(" answer:")[0].split()[-1] for e in coh.examples}
     assert starts == {"helpful", "unhelpful"}  # both orders occur
+
+
+def test_coh_is_evaluated_after_its_feedback_phrase(pref_file, tmp_path):
+    """The toy world's evaluation (pipeline.evaluate_run passes CoH.format_prompt's text as policy_prompts) samples
+    the policy after prompt + positive phrase, scores the completion after the plain prompt, and its KL compares
+    log pi(y | prompt + phrase) with log pi_ref(y | prompt). Policy = reference isolates the conditioning."""
+    coh, policy = build(CoH, *tiny_args(pref_file, tmp_path, algo="coh", max_len=96))
+    prompts = ["the film", "a plot was", "the acting"]
+    plain = evaluate(policy, policy, coh.tokenizer, prompts, max_new_tokens=8, policy_prompts=prompts)
+    assert abs(plain["kl"]) < 1e-6 and plain["win_rate"] == 0.5  # the same prompts: the same samples
+    phrased = [CoH.format_prompt(coh.cfg, p) for p in prompts]
+    result = evaluate(policy, policy, coh.tokenizer, prompts, max_new_tokens=8, policy_prompts=phrased)
+    assert abs(result["kl"]) > 1e-3  # the policy was conditioned on the phrase, the reference was not
+    assert [e["prompt"] for e in result["examples"]] == prompts  # scored after the plain prompt
 
 
 OFFLINE = sorted(a for a, (target, _) in ALGORITHMS.items() if target.split(":")[0] in ("dpo", "kto", "orpo", "coh"))

@@ -11,19 +11,35 @@ to the model-output tokens: the answers and their EOS carry the loss, the prompt
     L = -sum_{t in answers} log pi(s_t | s_<t) / (number of answer tokens)       (sft.py's sft_loss)
 
 At sampling time the positive phrase conditions the output: `CoH.format_prompt(cfg, prompt)` returns
-prompt + " A helpful answer:" and the model continues with a (hopefully) helpful answer, then EOS.
+prompt + " A helpful answer:" and the model continues with a (hopefully) helpful answer, then EOS. The toy world's
+evaluation samples from that text (pipeline.evaluate_run) and scores prompt + answer.
 
 This implementation differs from the paper in:
   - one template with two phrases (Config keys coh_positive / coh_negative), not the paper's pool of natural-
-    language templates ("A is better than B", ...). The defaults read as plain English for any data; the toy
-    world's tokenizer spells them in sub-word pieces, which the CoH run learns like any other tokens.
+    language templates ("A is better than B", ...). The defaults read as plain English for any data.
   - each answer ends with EOS (and its loss), so sampling after the positive phrase stops after one answer
     instead of going on to write the negative phrase; the paper does not say how generation ends.
   - the two answers come in a random order per pair (seeded; coh_order="positive_first" fixes it), so each
     phrase also conditions an answer that follows the prompt directly.
+  - coh_phrase_first=True writes "phrase prompt answer<eos> phrase prompt answer<eos>" (the prompt twice) for data
+    whose answers continue the prompt's sentence, as the toy world's do: the paper's phrase between prompt and
+    answer cuts that sentence in two. Such sequences are never cut; one over max_len is dropped.
   - no random masking of 0-5% of past tokens and no pretraining-data regulariser (both in the paper).
   - pieces are joined with one space where neither side has whitespace at the boundary; over max_len the prompt
     is cut from the left, and a pair whose phrases and answers alone do not fit is dropped (counted as too_long).
+
+On the toy world CoH does not beat the SFT model (measured, 200 steps unless said; SFT gold reward 0.504 +- 0.021):
+the default run reaches 0.534 +- 0.020 at KL 7.2 with 28% grammatical samples. Its phrases are made of tokens the
+toy corpus never contains (" ", "A", "el", "p", ":"... have untrained embeddings) and sit inside the prompt's
+sentence; " good"/" bad" phrases placed first (coh_phrase_first) keep 75-90% grammatical at KL 0.2-3 but reach only
+0.50-0.51. The cause is that the model never learns the feedback conditional: on held-out gold-ordered pairs,
+[log pi(y_w | x, positive) - log pi(y_w | x, negative)] - [the same for y_l] stays between -0.04 and +0.06 nats for
+every recipe tried (either phrase pair and placement, random or positive-first order, lr 1e-4 to 1e-3, up to 1000
+steps, noise-free pairs), where a model that had learned the annotators' preferences would show about 1.3. The SFT
+loss on both answers spends its updates on language the model already knows; only the small preference information
+in which answer follows which phrase can teach it to read the phrase, and on this world that signal is too weak
+(the same code learns a deterministic phrase -> answer rule, " good" -> " it was great ." and " bad" -> " it was
+awful .", to p = 0.996 in 200 steps at lr 1e-3, while at lr 1e-4 it had not yet begun after 60).
 """
 import random
 from dataclasses import dataclass
@@ -39,6 +55,7 @@ class CoHConfig:
     coh_positive: str = "A helpful answer:"  # feedback phrase before the chosen answer (and at sampling time)
     coh_negative: str = "An unhelpful answer:"  # feedback phrase before the rejected answer
     coh_order: Literal["random", "positive_first"] = "random"  # order of the two answers in each sequence
+    coh_phrase_first: bool = False  # phrase before the prompt (repeated for each answer), not between prompt and answer
 
 
 def spaced(text, piece):
@@ -46,29 +63,35 @@ def spaced(text, piece):
     return " " + piece if text and piece and not text[-1].isspace() and not piece[0].isspace() else piece
 
 
-def hindsight_segments(prompt, chosen, rejected, positive, negative, positive_first=True):
-    """[(text, is_answer)] of one CoH sequence, prompt first; the tokenizer adds EOS after each answer."""
+def hindsight_segments(prompt, chosen, rejected, positive, negative, positive_first=True, phrase_first=False):
+    """[(text, is_answer)] of one CoH sequence; the tokenizer adds EOS after each answer. Prompt first, then
+    phrase + answer twice; with phrase_first, phrase + prompt + answer twice (each answer continues its prompt)."""
     feedback = [(positive, chosen), (negative, rejected)]
     if not positive_first:
         feedback.reverse()
-    segments, text = [(prompt, False)], prompt
+    segments, text = ([], "") if phrase_first else ([(prompt, False)], prompt)
     for phrase, answer in feedback:
-        for piece, is_answer in ((phrase, False), (answer, True)):
+        pieces = [(phrase, False), (answer, True)]
+        if phrase_first:  # the prompt again, between the phrase and the answer that continues it
+            pieces.insert(1, (prompt, False))
+        for piece, is_answer in pieces:
             piece = spaced(text, piece)
             segments.append((piece, is_answer))
             text += piece
     return segments
 
 
-def tokenize_segments(segments, tok, max_len, filtered):
-    """{"input_ids", "loss_mask"} of [bos] + segments, EOS after each answer, loss on answers + EOS only;
-    None (counted in `filtered`) if it does not fit even with the prompt (segments[0]) cut to nothing."""
+def tokenize_segments(segments, tok, max_len, filtered, cut_prompt=True):
+    """{"input_ids", "loss_mask"} of [bos] + segments, EOS after each answer, loss on answers + EOS only. Over
+    max_len the prompt (segments[0]) is cut from the left when cut_prompt; None (counted in `filtered`) if the
+    sequence does not fit even so."""
     bos = [tok.bos_id] if tok.bos_id is not None else []
+    first, rest = (segments[0][0], segments[1:]) if cut_prompt else ("", segments)
     ids, mask = [], []
-    for text, is_answer in segments[1:]:
+    for text, is_answer in rest:
         piece = tok.encode(text) + ([tok.eos_id] if is_answer else [])
         ids, mask = ids + piece, mask + [int(is_answer)] * len(piece)
-    prompt_ids, budget = tok.encode(segments[0][0]), max_len - len(bos) - len(ids)
+    prompt_ids, budget = tok.encode(first), max_len - len(bos) - len(ids)
     if budget < 0:
         filtered.dropped["too_long"] += 1
         return None
@@ -98,8 +121,8 @@ class CoH(SFT):
                 continue
             positive_first = self.cfg.coh_order == "positive_first" or rng.random() < 0.5
             segments = hindsight_segments(row["prompt"], row["chosen"], row["rejected"], self.cfg.coh_positive,
-                                          self.cfg.coh_negative, positive_first)
-            example = tokenize_segments(segments, self.tokenizer, max_len, filtered)
+                                          self.cfg.coh_negative, positive_first, self.cfg.coh_phrase_first)
+            example = tokenize_segments(segments, self.tokenizer, max_len, filtered, not self.cfg.coh_phrase_first)
             if example is not None:
                 examples.append(example)
         report(filtered, path, len(examples), log)
@@ -108,5 +131,8 @@ class CoH(SFT):
     @classmethod
     def format_prompt(cls, cfg, prompt):
         """The prompt to sample from: prompt + the positive phrase. `cfg`: the run config or its saved dict."""
-        positive = cfg["coh_positive"] if isinstance(cfg, dict) else cfg.coh_positive
+        get = cfg.get if isinstance(cfg, dict) else lambda key, default: getattr(cfg, key, default)
+        positive = get("coh_positive", CoHConfig.coh_positive)
+        if get("coh_phrase_first", False):
+            return positive + spaced(positive, prompt)
         return prompt + spaced(prompt, positive)

@@ -82,11 +82,14 @@ def score(prompts: list[str], completions: list[str]) -> dict[str, list]:
 @torch.no_grad()
 def evaluate(policy, reference, tokenizer, prompts: list[str], n_samples: int = 1, seed: int = 0, *,
              max_new_tokens: int = 40, temperature: float = 1.0, batch_size: int = 256,
-             sampler: Sampler | None = None, n_examples: int = 4) -> dict:
+             sampler: Sampler | None = None, n_examples: int = 4, policy_prompts: list[str] | None = None) -> dict:
     """Sample n_samples completions per prompt from the policy (or `sampler`) and from the reference with the
     same seed; return mean gold reward, KL(pi || pi_ref), win rate against the reference by gold reward (ties
     count 1/2), grammaticality rate and mean length (completion tokens incl. EOS) for both, plus standard errors
-    and a few example pairs. Models are put in eval mode."""
+    and a few example pairs. Models are put in eval mode.
+    policy_prompts: what the policy samples from instead of `prompts` (Chain of Hindsight's prompt + feedback
+    phrase); the completion is still scored after the plain prompt, and the KL compares the distributions the two
+    models give the same user prompt: log pi(y | policy prompt) - log pi_ref(y | prompt)."""
     if sampler is None and policy is None:
         raise ValueError("give a policy model or a sampler")
     reference.eval()
@@ -94,10 +97,12 @@ def evaluate(policy, reference, tokenizer, prompts: list[str], n_samples: int = 
         policy.eval()
     device = next(reference.parameters()).device
     prompt_ids = [tokenizer.encode(p) for p in prompts for _ in range(n_samples)]
+    policy_ids = prompt_ids if policy_prompts is None else [tokenizer.encode(p) for p in policy_prompts
+                                                             for _ in range(n_samples)]
     prompt_texts = [p for p in prompts for _ in range(n_samples)]
     sampler = sampler or model_sampler(policy, tokenizer, max_new_tokens, temperature)
     ref_sampler = model_sampler(reference, tokenizer, max_new_tokens)
-    ours = sample_completions(sampler, prompt_ids, seed, batch_size, device)
+    ours = sample_completions(sampler, policy_ids, seed, batch_size, device)
     theirs = sample_completions(ref_sampler, prompt_ids, seed, batch_size, device)
     our_text = [completion_text(tokenizer, c) for c in ours]
     their_text = [completion_text(tokenizer, c) for c in theirs]
@@ -110,7 +115,7 @@ def evaluate(policy, reference, tokenizer, prompts: list[str], n_samples: int = 
     result["win_rate"], result["win_rate_se"] = mean_and_se(wins)
     result["kl"], result["kl_se"] = None, None
     if policy is not None:
-        log_pi = sequence_logps(policy, prompt_ids, ours, tokenizer.pad_id, batch_size, temperature)  # (N,)
+        log_pi = sequence_logps(policy, policy_ids, ours, tokenizer.pad_id, batch_size, temperature)  # (N,)
         log_ref = sequence_logps(reference, prompt_ids, ours, tokenizer.pad_id, batch_size)  # (N,)
         result["kl"], result["kl_se"] = mean_and_se((log_pi - log_ref).tolist())  # sum_t log pi/pi_ref, averaged
     result["grammatical"] = sum(our_scores["grammatical"]) / len(ours)

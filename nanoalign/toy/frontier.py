@@ -2,6 +2,7 @@
 
     python -m nanoalign.toy.frontier --algos=dpo --betas=0.03,0.1,0.3,1.0 [--out=out/frontier] [--max_steps=...]
     python -m nanoalign.toy.frontier --algos=cdpo,hinge,orpo,coh --values=default   # one run each, default settings
+    python -m nanoalign.toy.frontier --algos=dpo,ipo --defaults=cdpo,orpo        # sweeps and default runs, one plot
 
 For each algorithm, sweep its KL knob (the table KNOBS below: DPO's beta, ...) with every other setting at its
 default, run each point through train.py's main() (the toy world is built once and reused), and collect each run's
@@ -9,7 +10,7 @@ eval.json (gold reward and KL(pi || pi_SFT) on held-out prompts) into <out>/fron
 plus <out>/frontier.png (gold reward vs KL, one colour and marker per algorithm, the SFT model at KL = 0) when
 matplotlib is installed. Any other --key=value goes to every run (e.g. --max_steps=100). Without --values/--betas
 each algorithm sweeps the values of its table entry; the value "default" is a run at the algorithm's own defaults,
-in <out>/<algo>_default (the README table's settings).
+in <out>/<algo>_default (the README table's settings); --defaults=a,b adds such runs next to the --algos sweeps.
 A finished run is reused, not retrained: when <out>/<algo>_<knob><value>/eval.json exists and the config saved in
 its ckpt.pt equals the one this sweep asks for (keys left "" or "auto" are filled at run time and not compared) and
 neither its data nor its init checkpoint is newer than its eval.json. --retrain trains every point again.
@@ -194,11 +195,15 @@ def main(argv=None):
                              "'default' is one run at the algorithm's own settings, in <out>/<algo>_default")
     parser.add_argument("--out", default="out/frontier", help="folder for the runs, frontier.csv/.json/.png")
     parser.add_argument("--best_of_n", default="", help="comma-separated n: add best-of-n points (no training)")
+    parser.add_argument("--defaults", default="", help="comma-separated algorithms to add at their default settings")
     parser.add_argument("--retrain", action="store_true", help="train every point again, even a finished run")
     args, extra = parser.parse_known_args(argv)
     values = [None if v == "default" else float(v) for v in args.values.split(",")] if args.values else None
     out = Path(args.out)
     points = sweep([a for a in args.algos.split(",") if a], values, out, extra, retrain=args.retrain)
+    if args.defaults:
+        at_defaults = sweep(args.defaults.split(","), [None], out, extra, retrain=args.retrain)
+        points += at_defaults[1:] if points else at_defaults  # one SFT point
     if args.best_of_n:  # after the sweep, which builds the toy world if it is missing
         points += best_of_n_points([int(n) for n in args.best_of_n.split(",")])
     write_points(points, out)

@@ -283,9 +283,11 @@ def evaluate_run(cfg, out_dir, recipe: Recipe | None = None, seed: int = 0) -> d
     policy, tokenizer = model_from_checkpoint(ckpt, device)
     reference, _ = model_from_checkpoint(load_checkpoint(toy_dir() / "sft", device), device)
     prompts = [row["prompt"] for row in read_jsonl(toy_dir() / "corpus" / "eval_prompts.jsonl", "prompt")]
+    format_prompt = getattr(get_algorithm(cfg.algo), "format_prompt", None)  # CoH samples after its feedback phrase
+    policy_prompts = [format_prompt(cfg, p) for p in prompts] if format_prompt else None
     start = time.perf_counter()
     result = evaluate(policy, reference, tokenizer, prompts, n_samples=1, seed=seed,
-                      max_new_tokens=recipe.max_new_tokens)
+                      max_new_tokens=recipe.max_new_tokens, policy_prompts=policy_prompts)
     result.update(algo=cfg.algo, out_dir=str(out_dir), seconds=round(time.perf_counter() - start, 1))
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     print(format_table(result, f"eval: {len(prompts)} held-out prompts, 1 sample each at temperature 1; "
