@@ -14,7 +14,16 @@ and the median of the per-repeat ratios. Step time = time between the ends of co
 loading, forward, backward, clipping, AdamW), after one warmup step; reference log-probs are either precomputed
 before training (nanoalign's default; TRL's precompute_ref_log_probs=True) or computed live by a second model
 every step (TRL's default). The batch is one micro-batch (no accumulation), so both pad the same rows to the same
-length. Keys: model (gpt2, gpt2m, toy), dtypes, repeats, steps, threads, clock, tasks (dpo, generate).
+length. Keys: model (gpt2, gpt2m, toy), dtypes, repeats, steps, threads, clock, tasks (dpo, generate), json (path:
+every run's numbers).
+
+TRL's settings are its defaults except what makes the two runs the same job: per-device batch 4 pairs, no
+accumulation, lr 1e-4, beta 0.1, sigmoid loss, max_grad_norm 1.0, dropout off, max_length None (nothing is cut),
+bf16 = autocast with fp32 master weights (like ours), no logging/saving. Its defaults then give it fused AdamW
+(transformers' "adamw_torch_fused" for torch >= 2.8) and its own chunked LM head (trl add_fused_lm_head: no
+(B, T, V) logits; on a CPU it scores every position, on CUDA/Triton only the completion ones). transformers'
+generate: do_sample, top_k=0 (its default 50 switched off, as ours samples the full distribution), temperature 1,
+KV cache, exactly `new` tokens (min_new_tokens, no EOS), autocast around the call for bf16 as for ours.
 """
 import json
 import os
