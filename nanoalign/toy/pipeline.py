@@ -74,7 +74,9 @@ class Recipe:
     # proxy reward model (--algo=rm on prefs.jsonl from the SFT model), built only for runs that need one (PPO)
     rm_steps: int = 1000  # ~3.5 epochs of the ~9000 pairs: accuracy on held-out labels still rose at 600 steps
     rm_batch: int = 32
-    rm_lr: float = 2e-3  # at 1e-4 the loss had not left log 2 after 100 steps
+    rm_lr: float = 1e-3  # held-out accuracy vs gold 0.761 at 2e-3 -> 0.780 (EOS readout); 1e-4: loss stuck at log 2
+    rm_readout: str = "sum"  # algos/rm.py: the head summed over every token (the gold reward is a sum over words):
+    #                          held-out accuracy vs the gold direction 0.780 read at EOS -> 0.829 summed (lr 1e-3)
 
 
 RECIPES = {
@@ -92,7 +94,7 @@ STAGE_FIELDS = {  # the recipe fields each stage depends on (besides the stages 
              "micro_batch_size"),
     "sft": ("seed", "sft_steps", "sft_batch", "sft_lr", "micro_batch_size"),
     "annotations": ("seed", "n_annotate", "completions_per_prompt", "pairs_per_prompt", "tau", "max_new_tokens"),
-    "rm": ("seed", "rm_steps", "rm_batch", "rm_lr", "micro_batch_size"),
+    "rm": ("seed", "rm_steps", "rm_batch", "rm_lr", "rm_readout", "micro_batch_size"),
 }
 DATA_FILES = {"text": "corpus/pretrain.jsonl", "sft": "corpus/sft.jsonl", "preference": "annotations/prefs.jsonl",
               "binary": "annotations/binary.jsonl", "prompt": "annotations/prompts.jsonl"}
@@ -198,7 +200,7 @@ def train_reward_model(directory: Path, cfg, recipe: Recipe) -> dict:
     """(Added with PPO.) The proxy reward model: --algo=rm on the annotators' prefs.jsonl, from the SFT model."""
     stage = stage_config(cfg, recipe, algo="rm", data=toy_dir() / DATA_FILES["preference"], out_dir=directory,
                          init_from=f"ckpt:{toy_dir() / 'sft'}", max_len=recipe.block_size, max_steps=recipe.rm_steps,
-                         batch_size=recipe.rm_batch, lr=recipe.rm_lr)
+                         batch_size=recipe.rm_batch, lr=recipe.rm_lr, rm_readout=recipe.rm_readout)
     train(stage, get_algorithm("rm"))
     return {}
 
