@@ -154,7 +154,8 @@ def write_points(points: list[dict], out: Path) -> None:
 
 def plot(points: list[dict], path: Path) -> bool:
     """Gold reward vs KL with +-1 standard error bars: one colour and marker per algorithm (a line through its
-    sweep, knob values written beside the points), the legend outside the axes; False without matplotlib."""
+    sweep, knob values written beside the points), a symlog KL axis (runs span 0.1 to 100 nats), the legend outside
+    the axes; False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display needed
@@ -176,7 +177,10 @@ def plot(points: list[dict], path: Path) -> bool:
     for p in points:
         if p["algo"] == "sft":
             ax.plot([0.0], [p["gold_reward"]], "k*", markersize=12, label="SFT (reference)")
-    ax.set_xlabel("KL(pi || pi_SFT), nats per sample")
+    ax.set_xscale("symlog", linthresh=1.0)  # linear up to 1 nat (SFT at 0 stays on the axis), logarithmic beyond
+    ticks = [t for t in (0, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200) if t <= 1.5 * max(p["kl"] for p in points)]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlabel("KL(pi || pi_SFT), nats per sample (linear to 1, log beyond)")
     ax.set_ylabel("gold reward (mean over held-out prompts)")
     ax.set_title("toy controlled sentiment: reward vs KL frontier")
     ax.grid(alpha=0.3)
