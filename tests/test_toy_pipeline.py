@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from nanoalign.algos import ALGORITHMS, get_algorithm
+from nanoalign.algos.rm import load_reward_model
 from nanoalign.algos.sft import SFT
-from nanoalign.checkpoint import load_model
+from nanoalign.checkpoint import load_checkpoint, load_model
 from nanoalign.config import load_config
 from nanoalign.data import read_jsonl
 from nanoalign.toy import frontier
@@ -213,6 +214,30 @@ def test_train_py_on_the_toy_world_writes_eval_json(toy, tmp_path, monkeypatch, 
     assert "toy world in" in printed and "cached" in printed and "gold reward" in printed and "KL(pi || ref)" in printed
 
 
+def test_rm_stage_trains_on_the_offline_pairs_plus_the_other_sft_prompts(toy, monkeypatch):
+    """A run scored by a reward model gets rm/: its prefs.jsonl is annotations/prefs.jsonl followed by pairs of the
+    SFT prompts [n_annotate:rm_prompts], labelled alike; the offline data is untouched and the RM is loadable."""
+    root, _ = toy
+    monkeypatch.setenv("NANOALIGN_TOY_DIR", str(root))
+    offline = (root / "annotations/prefs.jsonl").read_text()
+    cfg = config("--algo=ppo", "--dtype=float32")
+    timings = prepare(cfg, get_algorithm("ppo"), TINY)
+    assert timings["rm"] is not None and cfg.reward_model == f"ckpt:{root / 'rm'}"
+    assert (root / "annotations/prefs.jsonl").read_text() == offline
+    offline_rows = read_jsonl(root / "annotations/prefs.jsonl", "preference")
+    rm_rows = read_jsonl(root / "rm/prefs.jsonl", "preference")
+    extra = rm_rows[len(offline_rows):]
+    sft_prompts = [r["prompt"] for r in read_jsonl(root / "corpus/sft.jsonl", "sft")]
+    assert rm_rows[:len(offline_rows)] == offline_rows and len(extra) > len(offline_rows)
+    assert {r["prompt"] for r in extra} <= set(sft_prompts[TINY.n_annotate:TINY.rm_prompts])
+    assert all(r["chosen"] != r["rejected"] for r in extra)
+    stamp = json.loads((root / "rm/stamp.json").read_text())
+    assert stamp["pairs"] == len(rm_rows) and stamp["extra_pairs"] == len(extra)
+    rm, _ = load_reward_model(cfg.reward_model)
+    assert rm.readout == TINY.rm_readout
+    assert prepare(config("--algo=ppo", "--dtype=float32"), get_algorithm("ppo"), TINY)["rm"] is None  # cached
+
+
 def test_frontier_sweeps_a_knob_and_writes_csv_json_png(toy, tmp_path, monkeypatch):
     """The shipped table has no SFT entry; the test adds one (knob: lr) so the sweep runs in seconds."""
     monkeypatch.setenv("NANOALIGN_TOY_DIR", str(toy[0]))
@@ -230,6 +255,25 @@ def test_frontier_sweeps_a_knob_and_writes_csv_json_png(toy, tmp_path, monkeypat
     assert (out / "sft_lr0.01" / "eval.json").exists() and (out / "frontier.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="no KL knob"):
         frontier.sweep(["nope"], None, out)
+
+
+def test_frontier_runs_a_preset_at_its_settings(toy, tmp_path, monkeypatch):
+    """--defaults may name a .toml preset: its algorithm runs at the preset's settings in <out>/<stem>_default and
+    is plotted under the preset's name; a second sweep reuses the finished run."""
+    monkeypatch.setenv("NANOALIGN_TOY_DIR", str(toy[0]))
+    monkeypatch.setenv("NANOALIGN_TOY_RECIPE", "tiny")
+    monkeypatch.setitem(frontier.KNOBS, "sft", ("lr", (1e-4,)))
+    preset = tmp_path / "sft_fast.toml"
+    preset.write_text('algo = "sft"\nlr = 3e-3\nmax_steps = 2\n')
+    out = tmp_path / "frontier"
+    argv = ["--algos=", f"--defaults={preset}", f"--out={out}", "--batch_size=16", "--micro_batch_size=8", "--dtype=float32"]
+    points = frontier.main(argv)
+    assert [(p["algo"], p["out_dir"]) for p in points[1:]] == [("sft_fast", str(out / "sft_fast_default"))]
+    saved = load_checkpoint(out / "sft_fast_default")["config"]
+    assert saved["lr"] == 3e-3 and saved["max_steps"] == 2 and points[1]["value"] == 3e-3
+    stamp = (out / "sft_fast_default" / "eval.json").stat().st_mtime
+    frontier.main(argv)
+    assert (out / "sft_fast_default" / "eval.json").stat().st_mtime == stamp
 
 
 # ---------------------------------------------------------------------------------------------------- slow
