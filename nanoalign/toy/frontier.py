@@ -11,6 +11,8 @@ plus <out>/frontier.png (gold reward vs KL, one colour and marker per algorithm,
 matplotlib is installed. Any other --key=value goes to every run (e.g. --max_steps=100). Without --values/--betas
 each algorithm sweeps the values of its table entry; the value "default" is a run at the algorithm's own defaults,
 in <out>/<algo>_default (the README table's settings); --defaults=a,b adds such runs next to the --algos sweeps.
+An item ending in .toml is a preset (python train.py <preset>): its algorithm at the preset's settings, in
+<out>/<preset name>_default, plotted as <preset name> (data/coh_toy.toml: Chain of Hindsight's toy-world recipe).
 A finished run is reused, not retrained: when <out>/<algo>_<knob><value>/eval.json exists and the config saved in
 its ckpt.pt equals the one this sweep asks for (keys left "" or "auto" are filled at run time and not compared) and
 neither its data nor its init checkpoint is newer than its eval.json. --retrain trains every point again.
@@ -93,14 +95,16 @@ def sweep(algos: list[str], values: list[float | None] | None, out: Path, extra:
     the algorithm's defaults in <out>/<algo>_default. Returns the points, SFT first."""
     main = None  # train.py's main(), loaded on the first run that needs training
     points = []
-    for algo in algos:
+    for item in algos:
+        preset = [item] if item.endswith(".toml") else []  # a preset file: its algo, at its settings
+        algo, name = (requested_config(preset)["algo"], Path(item).stem) if preset else (item, item)
         if algo not in knobs:
             raise SystemExit(f"no KL knob known for {algo!r}; add it to KNOBS in {__file__} (known: {', '.join(knobs)})")
         knob, defaults = knobs[algo]
         for value in values or defaults:
             setting = [] if value is None else [f"--{knob}={value:g}"]  # :g: 2.0 -> "2" for integer knobs
-            out_dir = out / (f"{algo}_default" if value is None else f"{algo}_{knob}{value}")
-            argv = [f"--algo={algo}", *setting, f"--out_dir={out_dir}", *extra]
+            out_dir = out / (f"{name}_default" if value is None else f"{name}_{knob}{value}")
+            argv = [*preset, f"--algo={algo}", *setting, f"--out_dir={out_dir}", *extra]
             requested = requested_config(argv)
             if not retrain and finished_run(out_dir, requested):
                 print(f"frontier: reusing {out_dir} (finished, same config)")
@@ -114,7 +118,7 @@ def sweep(algos: list[str], values: list[float | None] | None, out: Path, extra:
                                "gold_reward": result["ref_gold_reward"], "gold_reward_se": result["ref_gold_reward_se"],
                                "win_rate": 0.5, "grammatical": result["ref_grammatical"],
                                "length": result["ref_length"], "out_dir": ""})
-            points.append({"algo": algo, "knob": knob, "value": value, "out_dir": str(out_dir),
+            points.append({"algo": name, "knob": knob, "value": value, "out_dir": str(out_dir),
                            **{k: result[k] for k in COLUMNS if k in result and k not in ("algo", "out_dir")}})
     return points
 
