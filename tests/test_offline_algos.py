@@ -177,6 +177,15 @@ def test_coh_format_prompt_and_random_order(pref_file, tmp_path):
     assert starts == {"helpful", "unhelpful"}  # both orders occur
 
 
+def test_coh_toy_preset_resolves_to_its_recipe():
+    """data/coh_toy.toml (the README's CoH row and the frontier's coh_toy point) loads as CoH's config with the
+    phrases first, " good" / " bad" with their leading spaces, and its learning rate and length."""
+    cfg = load_config([str(Path(__file__).resolve().parents[1] / "data" / "coh_toy.toml")], algo_config)
+    assert (cfg.algo, cfg.coh_phrase_first, cfg.coh_positive, cfg.coh_negative) == ("coh", True, " good", " bad")
+    assert (cfg.lr, cfg.max_steps, cfg.batch_size) == (3e-3, 6000, 32)
+    assert CoH.format_prompt(cfg, "the acting was") == " good the acting was"
+
+
 def test_coh_is_evaluated_after_its_feedback_phrase(pref_file, tmp_path):
     """The toy world's evaluation (pipeline.evaluate_run passes CoH.format_prompt's text as policy_prompts) samples
     the policy after prompt + positive phrase, scores the completion after the plain prompt, and its KL compares

@@ -28,18 +28,22 @@ This implementation differs from the paper in:
   - pieces are joined with one space where neither side has whitespace at the boundary; over max_len the prompt
     is cut from the left, and a pair whose phrases and answers alone do not fit is dropped (counted as too_long).
 
-On the toy world CoH does not beat the SFT model (measured, 200 steps unless said; SFT gold reward 0.504 +- 0.021):
-the default run reaches 0.534 +- 0.020 at KL 7.2 with 28% grammatical samples. Its phrases are made of tokens the
-toy corpus never contains (" ", "A", "el", "p", ":"... have untrained embeddings) and sit inside the prompt's
-sentence; " good"/" bad" phrases placed first (coh_phrase_first) keep 75-90% grammatical at KL 0.2-3 but reach only
-0.50-0.51. The cause is that the model never learns the feedback conditional: on held-out gold-ordered pairs,
-[log pi(y_w | x, positive) - log pi(y_w | x, negative)] - [the same for y_l] stays between -0.04 and +0.06 nats for
-every recipe tried (either phrase pair and placement, random or positive-first order, lr 1e-4 to 1e-3, up to 1000
-steps, noise-free pairs), where a model that had learned the annotators' preferences would show about 1.3. The SFT
-loss on both answers spends its updates on language the model already knows; only the small preference information
-in which answer follows which phrase can teach it to read the phrase, and on this world that signal is too weak
-(the same code learns a deterministic phrase -> answer rule, " good" -> " it was great ." and " bad" -> " it was
-awful .", to p = 0.996 in 200 steps at lr 1e-3, while at lr 1e-4 it had not yet begun after 60).
+On the toy world (SFT gold reward 0.496 +- 0.020) CoH does not beat the SFT model at the settings every other offline
+algorithm uses (lr 1e-4, 200 steps of 64): the default run reaches 0.509 +- 0.021 at KL 7.0 with 27% grammatical
+samples. Its phrases are made of tokens the toy corpus never contains (" ", "A", "el", "p", ":"... have untrained
+embeddings) and sit inside the prompt's sentence; " good"/" bad" phrases placed first (coh_phrase_first) keep 75-90%
+grammatical at KL 0.2-3 but reach only 0.50-0.51 in 200-600 steps. The cause is that the model has not learned the
+feedback conditional: on held-out gold-ordered pairs, [log pi(y_w | x, positive) - log pi(y_w | x, negative)] - [the
+same for y_l] stays between -0.04 and +0.06 nats for 13 recipes (either phrase pair and placement, random or
+positive-first order, lr 1e-4 to 1e-3, up to 1000 steps, noise-free pairs), where a model that had learned the
+annotators' preferences would show about 1.3. Both answers are samples of the model itself, so the SFT gradient on
+them averages to zero; only which answer follows which phrase carries information, and that signal is weak (the
+same code learns a deterministic phrase -> answer rule, " good" -> " it was great ." and " bad" -> " it was
+awful .", to p = 0.996 in 200 steps at lr 1e-3). It is learnable with far more optimisation (" good"/" bad" first,
+batch 32): the gap reaches 0.16 +- 0.02 after 3000 steps at lr 1e-3 (gold 0.498), 0.52 +- 0.03 after 3000 steps at
+lr 3e-3 (gold 0.548 +- 0.020, KL 2.5, win rate 0.564 +- 0.029) and 0.33 +- 0.06 after 6000 steps at lr 3e-3 (gold
+0.584 +- 0.020, KL 8.7, win rate 0.582 +- 0.030, 82% grammatical), the recipe in data/coh_toy.toml. The price is
+memorisation of the training answers (training NLL 1.69 -> 1.08), hence the large KL.
 """
 import random
 from dataclasses import dataclass
