@@ -21,7 +21,7 @@ from nanoalign.algos.sft import SFT
 from nanoalign.checkpoint import load_checkpoint, load_model
 from nanoalign.config import load_config
 from nanoalign.data import read_jsonl
-from nanoalign.toy import frontier
+from nanoalign.toy import frontier, pipeline
 from nanoalign.toy.evaluate import evaluate, model_sampler, sample_completions, sequence_logps
 from nanoalign.toy.pipeline import RECIPES, prepare
 from nanoalign.toy.world import POSITIVE_ADJECTIVES, gold_reward
@@ -238,6 +238,23 @@ def test_rm_stage_trains_on_the_offline_pairs_plus_the_other_sft_prompts(toy, mo
     assert prepare(config("--algo=ppo", "--dtype=float32"), get_algorithm("ppo"), TINY)["rm"] is None  # cached
 
 
+def test_pipeline_cli_evaluates_a_run_trained_with_explicit_data(toy, tmp_path, monkeypatch):
+    """train.py does not evaluate a run given --data; `python -m nanoalign.toy.pipeline <run>` does, against the toy
+    world's SFT model, and writes the same eval.json a toy-world run gets."""
+    root, _ = toy
+    monkeypatch.setenv("NANOALIGN_TOY_DIR", str(root))
+    monkeypatch.setenv("NANOALIGN_TOY_RECIPE", "tiny")
+    out = Path(train_main(["--algo=dpo", f"--data={root / 'annotations/prefs.jsonl'}", "--max_steps=2",
+                           f"--init_from=ckpt:{root / 'sft'}", "--batch_size=8", "--micro_batch_size=8",
+                           "--dtype=float32", f"--out_dir={tmp_path / 'run'}"]))
+    assert not (out / "eval.json").exists()
+    pipeline.main([str(out)])
+    result = json.loads((out / "eval.json").read_text())
+    assert result["algo"] == "dpo" and result["n"] == TINY.n_eval and isinstance(result["kl"], float)
+    with pytest.raises(SystemExit, match="usage"):
+        pipeline.main([])
+
+
 def test_frontier_sweeps_a_knob_and_writes_csv_json_png(toy, tmp_path, monkeypatch):
     """The shipped table has no SFT entry; the test adds one (knob: lr) so the sweep runs in seconds."""
     monkeypatch.setenv("NANOALIGN_TOY_DIR", str(toy[0]))
@@ -266,7 +283,8 @@ def test_frontier_runs_a_preset_at_its_settings(toy, tmp_path, monkeypatch):
     preset = tmp_path / "sft_fast.toml"
     preset.write_text('algo = "sft"\nlr = 3e-3\nmax_steps = 2\n')
     out = tmp_path / "frontier"
-    argv = ["--algos=", f"--defaults={preset}", f"--out={out}", "--batch_size=16", "--micro_batch_size=8", "--dtype=float32"]
+    argv = ["--algos=", f"--defaults={preset}", f"--out={out}", "--batch_size=16", "--micro_batch_size=8",
+            "--dtype=float32"]
     points = frontier.main(argv)
     assert [(p["algo"], p["out_dir"]) for p in points[1:]] == [("sft_fast", str(out / "sft_fast_default"))]
     saved = load_checkpoint(out / "sft_fast_default")["config"]

@@ -150,10 +150,10 @@ def plot(rows: list[dict], path: Path, width: float) -> bool:
     left.set_title("optimised proxy score vs gold reward")
     right.set_ylabel("gold reward")
     right.set_title("gold reward by optimised reward")
-    for ax in (left, right):
+    for ax, corner in ((left, "upper left"), (right, "lower center")):  # the right panel's upper area holds data
         ax.set_xlabel("sqrt(KL(pi || pi_SFT)), sqrt(nats)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc=corner)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

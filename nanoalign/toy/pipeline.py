@@ -1,5 +1,6 @@
 """The toy world's default run: build (once, cached) the corpus, base model, SFT model and annotated data, point a
-run at them, and evaluate the result. train.py calls `prepare` when no --data is given and `evaluate_run` after.
+run at them, and evaluate the result. train.py calls `prepare` when no --data is given and `evaluate_run` after;
+`python -m nanoalign.toy.pipeline <run_dir>` evaluates a run trained with an explicit --data on the toy world.
 
 Stages, each in its own folder of the cache dir (out/toy, or $NANOALIGN_TOY_DIR), rebuilt only when missing or
 when its recipe changed (a stamp.json holds a hash of the recipe fields it used and of the stages before it):
@@ -26,9 +27,11 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -280,7 +283,8 @@ def prepare(cfg, algorithm_cls, recipe: Recipe | None = None) -> dict:
         # once into rm/, and logs the gold reward beside it (monitor_reward): over-optimisation of the proxy shows
         if getattr(cfg, "reward_model", None) == "":
             keys["rm"] = stage_key("rm", recipe, keys["annotations"])
-            timings["rm"] = run_stage(root / "rm", keys["rm"], lambda d: train_reward_model(d, cfg, device, recipe), rank, True)
+            timings["rm"] = run_stage(root / "rm", keys["rm"], lambda d: train_reward_model(d, cfg, device, recipe),
+                                      rank, True)
             cfg.reward_model = f"ckpt:{root / 'rm'}"
     if getattr(cfg, "monitor_reward", None) == "":
         cfg.monitor_reward = "gold"
@@ -321,3 +325,19 @@ def evaluate_run(cfg, out_dir, recipe: Recipe | None = None, seed: int = 0) -> d
     print(format_table(result, f"eval: {len(prompts)} held-out prompts, 1 sample each at temperature 1; "
                                f"reference = the SFT model; {out_dir / 'eval.json'}"))
     return result
+
+
+def main(argv=None):
+    """python -m nanoalign.toy.pipeline <run_dir> [...]: evaluate finished runs on the toy world (writes each run's
+    eval.json). train.py evaluates its own toy-world runs; this is for runs trained with an explicit --data, e.g.
+    DPO on the reward model's comparisons (--data=out/toy/rm/prefs.jsonl --init_from=ckpt:out/toy/sft)."""
+    runs = sys.argv[1:] if argv is None else argv
+    if not runs:
+        raise SystemExit("usage: python -m nanoalign.toy.pipeline <run_dir> [<run_dir> ...]")
+    for run in runs:
+        saved = load_checkpoint(run)["config"]  # the run's algo (CoH samples after its phrase) and device
+        evaluate_run(SimpleNamespace(**saved), run)
+
+
+if __name__ == "__main__":
+    main()
