@@ -274,17 +274,15 @@ def test_sum_readout_survives_the_checkpoint(data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- slow
-# Measured (1 thread, CPU). The "small" world this test builds (3567 training pairs, 1504 held-out pairs): with the
-# EOS readout at lr 2e-3, two runs: accuracy vs the gold direction 0.697 / 0.715, vs the annotator's labels 0.645 /
-# 0.660 while the annotator agrees with the gold direction 0.807, Pearson r 0.54 / 0.56; with the pipeline's present
-# recipe (rm_readout=sum, lr 1e-3), one run: 0.703, 0.665, r 0.538 (7 min) -- no gain on this small world, within
-# run-to-run spread (the rebuilt world is not bit-identical from run to run). The default toy world's RM (out/toy/rm,
-# 8972 pairs, what PPO's default run uses; 1494 held-out pairs): 0.761, 0.698 vs 0.813, r 0.69 before; 0.829, 0.757,
-# r 0.76 with the sum readout at lr 1e-3. The thresholds are the lowest small-world run less about 4 standard errors
-# (se ~0.012 over 1504 pairs): far above the 0.5 of an RM that learned nothing. The issue's target (> 90% vs gold) is
-# NOT reached by this 1M-parameter RM on a few thousand noisy pairs: it errs on clearly different pairs too (0.94 on
-# pairs > 0.3 apart, where the annotators are right 0.97), and pairs < 0.1 apart (a quarter) are near coin flips.
-RM_GOLD_ACCURACY, RM_LABEL_GAP, RM_GOLD_CORRELATION = 0.65, 0.21, 0.45
+# Measured (1 thread, CPU). The default world, built from scratch by this test (10 min on one idle core, 7.5 of them
+# in the rm stage; 23,891 training pairs, ~1490 held-out pairs): accuracy vs the gold direction 0.909, vs fresh
+# annotator labels 0.783 while the annotator agrees with the gold direction 0.817, Pearson r 0.895. The cached
+# out/toy/rm (same recipe; a rebuilt world is not bit-identical): 0.916, 0.790 vs 0.813, r 0.918. Earlier recipes,
+# on the 8,972 offline pairs only: 0.761 read at EOS, 0.829-0.857 summed over tokens at lr 1e-3..3e-4 and up to
+# 3000 steps (overfitting the label noise), which is why the rm stage now gets more comparisons. The gold threshold
+# is the issue's target, about one standard error (0.0075) below the lower measured run; the label gap and the
+# correlation thresholds are about 4 standard errors below the measured values.
+RM_GOLD_ACCURACY, RM_LABEL_GAP, RM_GOLD_CORRELATION = 0.90, 0.08, 0.85
 def heldout_pairs(model, tokenizer, prompts, k, seed, tau):
     """For each prompt, k SFT samples and all their pairs: (prompt, a, b, gold(a), gold(b), annotator says a)."""
     from nanoalign.toy.evaluate import completion_text, model_sampler, sample_completions
@@ -305,17 +303,17 @@ def heldout_pairs(model, tokenizer, prompts, k, seed, tau):
 
 @pytest.mark.slow
 def test_reward_model_on_heldout_toy_pairs(tmp_path, monkeypatch):
-    """The small toy world and its proxy reward model, built by the pipeline's rm stage exactly as PPO's default run
-    builds it (11 and 27 minutes measured on one core shared with other jobs, most of it in the rm stage). On all
-    pairs of 4 SFT samples for each held-out prompt: accuracy vs the gold direction, accuracy vs fresh annotator
-    labels compared with the annotator's own agreement with the gold direction (the ceiling for any model), and the
+    """The default toy world and its proxy reward model, built by the pipeline's rm stage exactly as PPO's default run
+    builds it (10 minutes on one idle core, most of it in the rm stage). On all pairs of 4 SFT samples for each
+    held-out prompt: accuracy vs the gold direction (the issue's target: > 90%), accuracy vs fresh annotator labels
+    compared with the annotator's own agreement with the gold direction (the ceiling for any model), and the
     correlation of the RM's scores with the gold reward."""
     from nanoalign.checkpoint import load_checkpoint, model_from_checkpoint
     from nanoalign.data import read_jsonl
     from nanoalign.toy.pipeline import prepare, toy_dir
     from nanoalign.toy.world import TAU
     monkeypatch.setenv("NANOALIGN_TOY_DIR", str(tmp_path / "toy"))
-    monkeypatch.setenv("NANOALIGN_TOY_RECIPE", "small")
+    monkeypatch.setenv("NANOALIGN_TOY_RECIPE", "default")
     cfg = load_config(["--algo=ppo", "--dtype=float32"], algo_config)
     prepare(cfg, PPO)
     assert cfg.reward_model == f"ckpt:{toy_dir() / 'rm'}" and cfg.monitor_reward == "gold"
