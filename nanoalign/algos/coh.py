@@ -43,7 +43,9 @@ awful .", to p = 0.996 in 200 steps at lr 1e-3). It is learnable with far more o
 batch 32): the gap reaches 0.16 +- 0.02 after 3000 steps at lr 1e-3 (gold 0.498), 0.52 +- 0.03 after 3000 steps at
 lr 3e-3 (gold 0.548 +- 0.020, KL 2.5, win rate 0.564 +- 0.029) and 0.33 +- 0.06 after 6000 steps at lr 3e-3 (gold
 0.584 +- 0.020, KL 8.7, win rate 0.582 +- 0.030, 82% grammatical), the recipe in data/coh_toy.toml. The price is
-memorisation of the training answers (training NLL 1.69 -> 1.08), hence the large KL.
+memorisation of the training answers (training NLL 1.69 -> 1.08), hence the large KL. Evaluated on 4 samples per
+held-out prompt (another sampling seed) the gain is smaller but clear: 0.532 +- 0.010 vs SFT 0.495 +- 0.010 (win
+rate 0.545 +- 0.015); a second training seed gives 0.550 +- 0.010 (win rate 0.554 +- 0.015); about a third of DPO's.
 """
 import random
 from dataclasses import dataclass
