@@ -251,8 +251,11 @@ def test_pipeline_cli_evaluates_a_run_trained_with_explicit_data(toy, tmp_path, 
     pipeline.main([str(out)])
     result = json.loads((out / "eval.json").read_text())
     assert result["algo"] == "dpo" and result["n"] == TINY.n_eval and isinstance(result["kl"], float)
-    with pytest.raises(SystemExit, match="usage"):
-        pipeline.main([])
+    pipeline.main([str(out), "--n_samples=3", "--seed=5"])  # more samples: its own file, eval.json untouched
+    assert json.loads((out / "eval_n3_seed5.json").read_text())["n"] == 3 * TINY.n_eval
+    assert json.loads((out / "eval.json").read_text()) == result
+    with pytest.raises(SystemExit):
+        pipeline.main([])  # no run folder: argparse's usage error
 
 
 def test_frontier_sweeps_a_knob_and_writes_csv_json_png(toy, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ gets 4 completions and all 6 of their pairs; departure: our labels are noisy dra
 Under torchrun the training stages run on every rank (train() does the DDP); corpus and annotation are written by
 rank 0 while the others wait at a barrier.
 """
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -27,7 +28,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,8 +302,9 @@ def prepare(cfg, algorithm_cls, recipe: Recipe | None = None) -> dict:
     return timings
 
 
-def evaluate_run(cfg, out_dir, recipe: Recipe | None = None, seed: int = 0) -> dict | None:
-    """Rank 0: evaluate the run's policy against the SFT model on the held-out prompts; write eval.json."""
+def evaluate_run(cfg, out_dir, recipe: Recipe | None = None, seed: int = 0, n_samples: int = 1) -> dict | None:
+    """Rank 0: evaluate the run's policy against the SFT model on the held-out prompts, n_samples each; write
+    eval.json (eval_n<n_samples>_seed<seed>.json for other than the standard 1 sample at seed 0)."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     recipe = recipe or default_recipe()
@@ -318,25 +319,29 @@ def evaluate_run(cfg, out_dir, recipe: Recipe | None = None, seed: int = 0) -> d
     format_prompt = getattr(get_algorithm(cfg.algo), "format_prompt", None)  # CoH samples after its feedback phrase
     policy_prompts = [format_prompt(cfg, p) for p in prompts] if format_prompt else None
     start = time.perf_counter()
-    result = evaluate(policy, reference, tokenizer, prompts, n_samples=1, seed=seed,
+    result = evaluate(policy, reference, tokenizer, prompts, n_samples=n_samples, seed=seed,
                       max_new_tokens=recipe.max_new_tokens, policy_prompts=policy_prompts)
     result.update(algo=cfg.algo, out_dir=str(out_dir), seconds=round(time.perf_counter() - start, 1))
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(format_table(result, f"eval: {len(prompts)} held-out prompts, 1 sample each at temperature 1; "
-                               f"reference = the SFT model; {out_dir / 'eval.json'}"))
+    path = out_dir / ("eval.json" if (n_samples, seed) == (1, 0) else f"eval_n{n_samples}_seed{seed}.json")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(format_table(result, f"eval: {len(prompts)} held-out prompts, {n_samples} sample(s) each at temperature 1; "
+                               f"reference = the SFT model; {path}"))
     return result
 
 
 def main(argv=None):
-    """python -m nanoalign.toy.pipeline <run_dir> [...]: evaluate finished runs on the toy world (writes each run's
-    eval.json). train.py evaluates its own toy-world runs; this is for runs trained with an explicit --data, e.g.
-    DPO on the reward model's comparisons (--data=out/toy/rm/prefs.jsonl --init_from=ckpt:out/toy/sft)."""
-    runs = sys.argv[1:] if argv is None else argv
-    if not runs:
-        raise SystemExit("usage: python -m nanoalign.toy.pipeline <run_dir> [<run_dir> ...]")
-    for run in runs:
+    """python -m nanoalign.toy.pipeline <run_dir> [...] [--n_samples=K --seed=S]: evaluate finished runs on the toy
+    world (writes each run's eval.json, or eval_n<K>_seed<S>.json). train.py evaluates its own toy-world runs; this
+    is for runs trained with an explicit --data, e.g. DPO on the reward model's comparisons
+    (--data=out/toy/rm/prefs.jsonl --init_from=ckpt:out/toy/sft), and for tighter estimates with more samples."""
+    parser = argparse.ArgumentParser(description="evaluate finished runs on the toy world's held-out prompts")
+    parser.add_argument("runs", nargs="+", help="run folders (their ckpt.pt)")
+    parser.add_argument("--n_samples", type=int, default=1, help="samples per held-out prompt (256 prompts)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (train.py's own evaluation uses 0)")
+    args = parser.parse_args(argv)
+    for run in args.runs:
         saved = load_checkpoint(run)["config"]  # the run's algo (CoH samples after its phrase) and device
-        evaluate_run(SimpleNamespace(**saved), run)
+        evaluate_run(SimpleNamespace(**saved), run, seed=args.seed, n_samples=args.n_samples)
 
 
 if __name__ == "__main__":
