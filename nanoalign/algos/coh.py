@@ -39,13 +39,14 @@ positive-first order, lr 1e-4 to 1e-3, up to 1000 steps, noise-free pairs), wher
 annotators' preferences would show about 1.3. Both answers are samples of the model itself, so the SFT gradient on
 them averages to zero; only which answer follows which phrase carries information, and that signal is weak (the
 same code learns a deterministic phrase -> answer rule, " good" -> " it was great ." and " bad" -> " it was
-awful .", to p = 0.996 in 200 steps at lr 1e-3). It is learnable with far more optimisation (" good"/" bad" first,
-batch 32): the gap reaches 0.16 +- 0.02 after 3000 steps at lr 1e-3 (gold 0.498), 0.52 +- 0.03 after 3000 steps at
-lr 3e-3 (gold 0.548 +- 0.020, KL 2.5, win rate 0.564 +- 0.029) and 0.33 +- 0.06 after 6000 steps at lr 3e-3 (gold
-0.584 +- 0.020, KL 8.7, win rate 0.582 +- 0.030, 82% grammatical), the recipe in data/coh_toy.toml. The price is
-memorisation of the training answers (training NLL 1.69 -> 1.08), hence the large KL. Evaluated on 4 samples per
-held-out prompt (another sampling seed) the gain is smaller but clear: 0.532 +- 0.010 vs SFT 0.495 +- 0.010 (win
-rate 0.545 +- 0.015); a second training seed gives 0.550 +- 0.010 (win rate 0.554 +- 0.015); about a third of DPO's.
+awful .", to p = 0.996 in 200 steps at lr 1e-3). It is learnable with far more optimisation (batch 32): with " good"/
+" bad" first the gap reaches 0.16 +- 0.02 after 3000 steps at lr 1e-3 (gold 0.498), 0.52 +- 0.03 after 3000 steps
+at lr 3e-3 (gold 0.548 +- 0.020, KL 2.5) and 0.33 +- 0.06 after 6000 steps at lr 3e-3 (gold 0.584 +- 0.020, KL 8.7).
+The recipe in data/coh_toy.toml is that last one. Its price is memorisation of the training answers (training NLL 1.65
+at step 500, 1.04 at the end), hence the large KL. On 4 samples per held-out prompt (another sampling seed) the
+gain is smaller but clear: 0.532 +- 0.010 vs SFT 0.495 +- 0.010 (win rate 0.545 +- 0.015), and 0.550 +- 0.010 (win
+rate 0.554 +- 0.015) for a second training seed; under half of DPO's gain. The default phrases at lr 3e-3 for 6000
+steps beat SFT on one training seed (0.551, win rate 0.552) but not on another (0.516, win rate 0.510).
 """
 import random
 from dataclasses import dataclass
