@@ -276,12 +276,12 @@ def test_sum_readout_survives_the_checkpoint(data, tmp_path):
 # ----------------------------------------------------------------------------------------------------- slow
 # Measured (1 thread, CPU). The default world, built from scratch by this test (10 min on one idle core, 7.5 of them
 # in the rm stage; 23,891 training pairs, ~1490 held-out pairs): accuracy vs the gold direction 0.909, vs fresh
-# annotator labels 0.783 while the annotator agrees with the gold direction 0.817, Pearson r 0.895. The cached
-# out/toy/rm (same recipe; a rebuilt world is not bit-identical): 0.916, 0.790 vs 0.813, r 0.918. Earlier recipes,
-# on the 8,972 offline pairs only: 0.761 read at EOS, 0.829-0.857 summed over tokens at lr 1e-3..3e-4 and up to
-# 3000 steps (overfitting the label noise), which is why the rm stage now gets more comparisons. The gold threshold
-# is the issue's target, about one standard error (0.0075) below the lower measured run; the label gap and the
-# correlation thresholds are about 4 standard errors below the measured values.
+# annotator labels 0.783 while the annotator agrees with the gold direction 0.817, Pearson r 0.895 (two builds, the
+# same numbers). The cached out/toy/rm (same recipe, on a world built by an earlier version of the code): 0.916,
+# 0.790 vs 0.813, r 0.918. Earlier recipes, on the 8,972 offline pairs only: 0.761 read at EOS, 0.829-0.857 summed
+# over tokens at lr 1e-3..3e-4 and up to 3000 steps (overfitting the label noise), which is why the rm stage now gets
+# more comparisons. The gold threshold is the issue's target, about one standard error (0.0075) below the measured
+# 0.909; the label gap and the correlation thresholds are about 4 standard errors below the measured values.
 RM_GOLD_ACCURACY, RM_LABEL_GAP, RM_GOLD_CORRELATION = 0.90, 0.08, 0.85
 def heldout_pairs(model, tokenizer, prompts, k, seed, tau):
     """For each prompt, k SFT samples and all their pairs: (prompt, a, b, gold(a), gold(b), annotator says a)."""
