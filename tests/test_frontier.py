@@ -4,6 +4,7 @@ what a real run leaves behind (ckpt.pt with the resolved config, eval.json), so 
 tests/test_toy_pipeline.py runs the real sweep on the tiny toy world."""
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -88,3 +89,13 @@ def test_sweeps_and_default_runs_share_one_table(fake_training):
     assert [(p["algo"], p["value"]) for p in points] == [("sft", ""), ("dpo", 0.1), ("dpo", 0.3), ("orpo", 0.1),
                                                          ("coh", 200)]
     assert calls[-1] == ["--algo=coh", "--out_dir=out/coh_default"]
+
+
+def test_without_matplotlib_the_csv_and_json_are_written_and_one_line_says_how_to_get_the_png(
+        fake_training, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    points = frontier.main(["--algos=dpo", "--values=0.1", "--out=out"])
+    out = tmp_path / "out"
+    assert json.loads((out / "frontier.json").read_text()) == points and (out / "frontier.csv").exists()
+    assert not (out / "frontier.png").exists()
+    assert 'no PNG: matplotlib is not installed; pip install -e ".[plot]"' in capsys.readouterr().out

@@ -221,8 +221,8 @@ def main(argv=None):
         knob = f"{p['knob']}={p['value']:g}" if p["knob"] else "-"
         print(f"{p['algo']:<10}{knob:>18}{p['kl']:>9.2f}{p['gold_reward']:>13.3f}{p['win_rate']:>10.3f}"
               f"{p['grammatical']:>13.3f}")
-    print(f"wrote {out / 'frontier.csv'}, {out / 'frontier.json'}"
-          + (f", {out / 'frontier.png'}" if plotted else " (no plot: pip install matplotlib)"))
+    png = f", {out / 'frontier.png'}" if plotted else ' (no PNG: matplotlib is not installed; pip install -e ".[plot]")'
+    print(f"wrote {out / 'frontier.csv'}, {out / 'frontier.json'}{png}")
     return points
 
 

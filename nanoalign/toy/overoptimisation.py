@@ -183,7 +183,8 @@ def main(argv=None):
             p = proxy.get(g["bin"])
             shown = f"{p['mean']:>8.3f} +- {p['se']:.3f}" if p else f"{'-':>16}"
             print(f"{g['sqrt_kl']:>9.2f}{g['count']:>6}{g['mean']:>8.3f} +- {g['se']:.3f}{shown}")
-    plot_note = f", {out / 'overopt.png'}" if plotted else " (no plot: pip install matplotlib)"
+    plot_note = (f", {out / 'overopt.png'}" if plotted
+                 else ' (no PNG: matplotlib is not installed; pip install -e ".[plot]")')
     print(f"wrote {out / 'overopt.csv'}{plot_note}")
     return rows
 
