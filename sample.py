@@ -7,7 +7,8 @@ import argparse
 
 import torch
 
-from nanoalign.checkpoint import load_model
+import nanoalign.toy  # noqa: F401  (registers the toy world's tokenizer, which toy checkpoints name)
+from nanoalign.loading import load_model
 
 
 def parse_args(argv=None):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from nanoalign.algos import get_algorithm, variant_defaults
 from nanoalign.config import load_config
+from nanoalign.toy.pipeline import evaluate_run, prepare  # importing the toy world registers "toy" and "gold"
 from nanoalign.trainer import train
 
 
@@ -25,14 +26,12 @@ def main(argv=None):
     algorithm = get_algorithm(cfg.algo)
     toy_world = not cfg.data
     if toy_world:  # the built-in default: build (or reuse) the toy world's models and data
-        from nanoalign.toy.pipeline import prepare
         prepare(cfg, algorithm)
     elif not cfg.init_from:
         raise SystemExit("--data was given without --init_from: pass scratch, ckpt:<dir> or hf:<dir>")
     cfg.out_dir = cfg.out_dir or f"out/{cfg.algo}"
     out_dir = train(cfg, algorithm)
     if toy_world:
-        from nanoalign.toy.pipeline import evaluate_run
         evaluate_run(cfg, out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -224,7 +224,7 @@ def make_algorithm(spec, device, model, autocast, workdir, workload, data=None):
     LoRA, adapters go on the policy before the algorithm is built and on its module after, as trainer.train does."""
     from nanoalign.algos import get_algorithm, variant_defaults
     from nanoalign.config import load_config
-    from nanoalign.lora import apply_lora
+    from nanoalign.loading import apply_lora
     from nanoalign.trainer import Context
     algo_cls = get_algorithm(spec["algo"])
     rollout = ROLLOUT[device.type]

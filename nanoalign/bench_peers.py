@@ -78,7 +78,7 @@ def prepare(workdir, model_name):
     """The HF model directory (random GPT-2 weights + byte tokenizer) and the preference JSONL, written once."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    from nanoalign.hf import bytes_to_unicode
+    from nanoalign.hf.tokenizer import bytes_to_unicode
     shape = MODELS[model_name][0]
     assert shape["arch"] == "gpt2", "the peer comparison builds GPT2LMHeadModel"
     config = GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["block_size"], n_embd=shape["n_embd"],
@@ -130,7 +130,7 @@ def trl_dpo(spec, model_dir, data, device, clock, memory):
 
 def nanoalign_dpo(spec, model_dir, data, device, clock, memory):
     import nanoalign.bench as bench
-    from nanoalign.hf import load_hf_model
+    from nanoalign.hf.weights import load_hf_model
     model, _ = load_hf_model(model_dir, device)
     memory.loaded()
     bench.clock = clock
@@ -154,7 +154,7 @@ def generate_times(spec, model_dir, device, clock, memory):
                       min_new_tokens=shape["new"], eos_token_id=None, pad_token_id=257, use_cache=True)
         call = lambda: model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device), **kwargs)  # noqa: E731
     else:
-        from nanoalign.hf import load_hf_model
+        from nanoalign.hf.weights import load_hf_model
         model = load_hf_model(model_dir, device)[0].eval()
         call = lambda: model.generate(prompts.tolist(), shape["new"], temperature=1.0, eos_id=None)  # noqa: E731
     memory.loaded()

@@ -303,6 +303,11 @@ BUCKET_BY_LENGTH = True  # micro_batches' default: sort each global batch by len
 TOKEN_FIELDS = ("input_ids", "loss_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "prompt_ids")
 
 
+def to_device(batch: dict, device) -> dict:
+    """Every tensor of a batch moved to `device` (non-blocking); other entries as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right-pad a micro-batch to its longest sequence.
 

@@ -18,17 +18,16 @@ Choices and departures:
 - The tied output head of GPT-2 configs (lm_head.weight is tok_emb.weight) is never wrapped: merging into it would
   change the embedding too. `inject_lora` refuses any target whose weight is shared.
 
-In a training run (`--lora_rank=16 --lora_alpha=32 --lora_targets=q_proj,v_proj`, any algorithm) the trainer calls
-`apply_lora` on the policy before the algorithm is built and on `algo.module` after (critic / reward trunk), saves
-`lora_checkpoint` (adapters, heads and buffers, plus a pointer to the base), and `load_model` rebuilds the full
-weights from it. `python -m nanoalign.lora merge <run> <out>` writes a full checkpoint. Limits: the base must be a
-checkpoint (not `scratch`), and every LM in the module must have started from it, except a GPT that carries a
-`reward_model_spec` attribute (PPO's critic initialised from a reward model): its starting weights are that reward
-model's backbone, and the checkpoint records where to find them (`reward_trunks`).
+This file is the adapter layers only. A training run gets them from `--lora_rank=16 --lora_alpha=32
+--lora_targets=q_proj,v_proj` (any algorithm); nanoalign/loading.py puts them on every GPT of the run, saves the
+adapters and heads with a pointer to the base, and rebuilds full weights from such a checkpoint
+(`python -m nanoalign.loading merge <run> <out>` writes one). Limits: the base must be a checkpoint (not `scratch`),
+and every LM in the module must have started from it, except a GPT that carries a `reward_model_spec` attribute
+(PPO's critic initialised from a reward model): its starting weights are that reward model's backbone, and the
+checkpoint records where to find them (`reward_trunks`).
 """
 import contextlib
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -40,7 +39,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        assert rank > 0, "LoRA rank must be positive"
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: no copy, same state-dict keys
         kw = dict(bias=False, device=linear.weight.device, dtype=linear.weight.dtype)
@@ -190,109 +190,3 @@ def count_parameters(model):
     """(trainable, total) parameter counts; a tied weight counts once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-# --- The training run's side: every algorithm gets LoRA from TrainConfig's lora_* keys ---
-
-def apply_lora(module, cfg):
-    """Adapters (cfg.lora_rank, lora_alpha, lora_dropout, lora_targets) on every GPT inside `module` that has none
-    yet (the policy; a critic or reward trunk the algorithm built), then freeze each GPT's own weights. Parameters
-    outside the GPTs (reward and value heads) keep training, as in PERL. Returns the names that got adapters."""
-    if cfg.init_from == "scratch":
-        raise ValueError("LoRA adapts a pretrained model: give --init_from=ckpt:<dir> or hf:<dir>, not scratch")
-    replaced = []
-    for prefix, gpt in gpt_modules(module).items():
-        if not lora_layers(gpt):
-            names = inject_lora(gpt, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-            replaced += [prefix + n for n in names]
-        for name, p in gpt.named_parameters():
-            p.requires_grad_(is_lora_param(name))
-    return replaced
-
-
-def gpt_modules(module):
-    """{state-dict prefix ("" or "critic."): GPT} for every language model inside `module`."""
-    from nanoalign.model import GPT
-    return {(name + "." if name else ""): m for name, m in module.named_modules() if isinstance(m, GPT)}
-
-
-def base_pointer(spec):
-    """init_from with its path made absolute, so the checkpoint finds its base from any working directory."""
-    kind, sep, path = spec.partition(":") if spec.startswith(("ckpt:", "hf:")) else ("ckpt", ":", spec)
-    return f"{kind}{sep}{Path(path).resolve()}"
-
-
-def checkpointed_keys(module):
-    """What a LoRA checkpoint stores of `module`: the adapters and everything outside the frozen GPTs: the heads
-    and buffers such as a reward model's normalisation statistics (reward_mean / reward_std)."""
-    gpt_prefixes = tuple(gpt_modules(module))  # "" when module is a GPT: then every key is inside it
-    return [k for k in module.state_dict() if is_lora_param(k) or not k.startswith(gpt_prefixes)]
-
-
-def lora_checkpoint(module, cfg):
-    """The `model` and `lora` entries of a LoRA run's checkpoint: adapters, heads and buffers only, plus what it
-    takes to rebuild the full model (a pointer to the base, the adapters' shape, where each GPT sits in `module`,
-    and which GPTs started from a reward model instead of the base)."""
-    state = module.state_dict()
-    gpts = gpt_modules(module)
-    trunks = {prefix: base_pointer(gpt.reward_model_spec) for prefix, gpt in gpts.items()  # PPO's critic from an RM
-              if getattr(gpt, "reward_model_spec", None)}
-    info = dict(base=base_pointer(cfg.init_from), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                targets=parse_targets(cfg.lora_targets), prefixes=list(gpts), reward_trunks=trunks)
-    return {"model": {k: state[k] for k in checkpointed_keys(module)}, "lora": info}
-
-
-def load_lora_checkpoint(module, ckpt):
-    """Resume: put a LoRA checkpoint's adapters and heads back into a module built the same way."""
-    expected, given = set(checkpointed_keys(module)), set(ckpt["model"])
-    if expected != given:
-        raise KeyError(f"checkpoint entries differ from this run's adapters and heads: missing "
-                       f"{sorted(expected - given)[:5]}, unexpected {sorted(given - expected)[:5]}")
-    module.load_state_dict(ckpt["model"], strict=False)
-
-
-def merged_state_dict(ckpt):
-    """The full `model` state dict of a LoRA checkpoint: the starting weights at every GPT prefix (the base's, or
-    for a GPT listed in reward_trunks that reward model's backbone), each adapted weight W + (alpha / r) B A, and
-    the checkpoint's heads and buffers."""
-    from nanoalign.algos.rm import load_reward_model
-    from nanoalign.checkpoint import load_model
-    info, saved = ckpt["lora"], ckpt["model"]
-    base = load_model(info["base"])[0].state_dict()
-    trunks = info.get("reward_trunks", {})
-    full = {}
-    for prefix in info["prefixes"]:
-        start = load_reward_model(trunks[prefix])[0].backbone.state_dict() if prefix in trunks else base
-        full.update({prefix + k: v.clone() for k, v in start.items()})
-    scale = info["alpha"] / info["rank"]
-    for key in saved:
-        if key.endswith(".lora_A.weight"):
-            layer = key[:-len("lora_A.weight")]                                # "...q_proj."
-            W = full[layer + "weight"]                                         # (out, in), on the CPU
-            A, B = saved[key].float().cpu(), saved[layer + "lora_B.weight"].float().cpu()  # (r, in), (out, r)
-            W += (scale * B @ A).to(W.dtype)
-    full.update({k: v for k, v in saved.items() if not is_lora_param(k)})  # heads
-    return full
-
-
-def main(argv=None):
-    """python -m nanoalign.lora merge <lora run dir or ckpt.pt> <out dir>: a full checkpoint, loadable without
-    LoRA or the base (optimizer and RNG state are dropped: the result is for sampling, export or the next stage)."""
-    import sys
-    from nanoalign.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] != "merge":
-        raise SystemExit(main.__doc__)
-    ckpt = load_checkpoint(argv[1])
-    if "lora" not in ckpt:
-        raise SystemExit(f"{checkpoint_path(argv[1])} is not a LoRA checkpoint (no 'lora' entry)")
-    full = {k: v for k, v in ckpt.items() if k not in ("lora", "optimizer", "rng")}
-    full["model"], full["merged_from"] = merged_state_dict(ckpt), ckpt["lora"]
-    out = Path(argv[2]) if argv[2].endswith(".pt") else Path(argv[2]) / "ckpt.pt"
-    save_checkpoint(out, **full)
-    print(f"merged {checkpoint_path(argv[1])} (base {ckpt['lora']['base']}) into {out}")
-    return out
-
-
-if __name__ == "__main__":
-    main()

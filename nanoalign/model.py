@@ -5,7 +5,8 @@ Llama:  RoPE (configurable theta, Llama-3 rope scaling), RMSNorm, SwiGLU MLP, gr
         (n_kv_head < n_head), optional q/k/v bias (Qwen2), untied head.
 Attention is F.scaled_dot_product_attention. generate() runs a preallocated KV cache over ragged, left-padded
 prompts and returns the sampled tokens together with their log-probs, so RL code need not recompute them.
-This file imports nothing else of nanoalign.
+RewardModel (a GPT trunk with a scalar head, trained by algos/rm.py, read by PPO's critic and the RM scorer)
+sits at the end. This file imports nothing else of nanoalign.
 """
 import math
 from dataclasses import dataclass
@@ -304,3 +305,64 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         drop = probs.cumsum(-1) - probs > top_p                                   # mass before this token already > p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token of each row, for right, left or both-sided padding. (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
+    return (positions * attention_mask.long()).argmax(dim=1)             # largest t with mask 1
+
+
+class RewardModel(nn.Module):
+    """backbone: a GPT (its hidden states; its lm_head is unused). forward(input_ids, attention_mask) -> (B,)
+    normalised reward read at the last real token; token_values(...) -> (B, T) the head at every position (a
+    critic initialised from the reward model reads it there)."""
+
+    def __init__(self, backbone: GPT, readout: str = "eos"):
+        super().__init__()
+        if readout not in ("eos", "sum"):
+            raise ValueError(f"rm_readout={readout!r}: choose eos or sum")
+        self.backbone, self.readout = backbone, readout
+        d = backbone.cfg.n_embd
+        self.head = nn.Linear(d, 1)
+        nn.init.normal_(self.head.weight, std=1 / (d + 1) ** 0.5)       # lm-human-preferences' init
+        nn.init.zeros_(self.head.bias)
+        if not backbone.cfg.tie_embeddings:
+            backbone.lm_head.requires_grad_(False)  # unused: a grad-less trainable weight would stall DDP's reducer
+        self.register_buffer("reward_mean", torch.zeros(()))                  # normalisation, set by normalise()
+        self.register_buffer("reward_std", torch.ones(()))
+
+    def token_values(self, input_ids, attention_mask=None):
+        """(B, T): at each position t the normalised score the model would give if the sequence ended at t."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h = self.backbone.hidden_states(input_ids, attention_mask)      # (B, T, C)
+        raw = self.head(h).squeeze(-1).float()                           # (B, T)
+        if self.readout == "sum":
+            raw = (raw * attention_mask).cumsum(dim=1)                   # sum_{s <= t} head(h_s) over real tokens
+        return (raw - self.reward_mean) / self.reward_std
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        values = self.token_values(input_ids, attention_mask)            # (B, T)
+        return values.gather(1, last_token_index(attention_mask)[:, None])[:, 0]  # (B,) at the EOS
+
+    @torch.no_grad()
+    def normalise(self, mean, std):
+        """Store statistics of the RAW rewards so that forward() returns (raw - mean) / std."""
+        self.reward_mean.fill_(mean)
+        self.reward_std.fill_(std)
+
+    @torch.no_grad()
+    def fold_normalisation(self):
+        """Fold (raw - mean) / std into the head (w / std, (b - mean) / std) and reset the statistics to 0 / 1: the
+        same outputs, but gradients see normalised units (for a critic initialised from this model). Under the sum
+        readout the mean is subtracted once from a sum of T terms, so only the std is folded and the mean kept."""
+        self.head.weight.div_(self.reward_std)
+        self.head.bias.div_(self.reward_std)
+        if self.readout == "eos":
+            self.head.bias.sub_(self.reward_mean / self.reward_std)     # (b - mean) / std
+            self.normalise(0.0, 1.0)
+        else:
+            self.normalise(self.reward_mean / self.reward_std, 1.0)     # (sum - mean) / std = sum / std - mean / std

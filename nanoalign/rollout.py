@@ -118,8 +118,8 @@ def generate_rollout(policy, tokenizer, prompt_ids, samples_per_prompt, max_new_
                      recompute_logprobs=False):
     """Sample `samples_per_prompt` responses to each prompt (lists of token ids), score and reference them.
 
-    policy: the UNWRAPPED GPT (generation needs no DDP). reference: a GPT (one no-grad forward of the rollout),
-    a callable batch -> (n, R) reference log-probs (e.g. the policy with its LoRA adapters off), or None.
+    policy: the UNWRAPPED GPT (generation needs no DDP). reference: a reference.Reference (one no-grad forward of
+    the rollout, chunked) or None.
     scorer(prompts, responses) -> (N,) float. batch_size: rows per generate / forward call. autocast: a zero-
     argument callable giving the autocast context (the trainer's ctx.autocast) or None. Returns a Rollout on the
     policy's device; max_new_tokens is cut so that the longest prompt still fits the model's block_size.
@@ -158,11 +158,10 @@ def generate_rollout(policy, tokenizer, prompt_ids, samples_per_prompt, max_new_
     if recompute_logprobs:
         logprobs = forward_logps(policy)
     ref_logprobs = None
-    if isinstance(reference, torch.nn.Module):
-        ref_logprobs = forward_logps(reference)
-    elif reference is not None:
+    if reference is not None:
         with autocast():
-            ref_logprobs = _chunked(lambda b: reference(b).float(), batch, batch_size) * response_mask
+            ref_logprobs = _chunked(lambda b: reference.response_logps(b, temperature).float(), batch,
+                                    batch_size) * response_mask
     drop = {tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id}
     prompts = [tokenizer.decode([t for t in row if t not in drop]) for row in prompt.tolist()]
     responses = [tokenizer.decode([t for t in row if t not in drop]) for row in tokens.tolist()]

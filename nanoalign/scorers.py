@@ -3,8 +3,8 @@
     scorer = get_scorer("gold" | "ckpt:<reward model dir>", device)
     scores = scorer(prompts, responses)          # lists of N strings -> (N,) float32 tensor on the CPU
 
-  "gold"        the toy world's gold reward r*(prompt + response) in [0, 1] (nanoalign/toy/world.py); the
-                ground truth of the toy world, so optimising it directly cannot over-optimise a proxy.
+  "gold"        the toy world's gold reward r*(prompt + response) in [0, 1], registered by nanoalign.toy with
+                `register_scorer` (the ground truth of the toy world, so optimising it cannot over-optimise a proxy).
   "ckpt:<dir>"  a reward model trained with --algo=rm (nanoalign/algos/rm.py), scored on
                 [bos] + prompt + response + [eos] and read at that EOS, exactly as it was trained; its scores are
                 normalised to mean 0 / std 1 on reference samples (stored in the checkpoint).
@@ -14,15 +14,18 @@ Pairwise annotators (an LLM judge; a scorer where the higher score wins) live in
 """
 import torch
 
+from nanoalign.loading import load_reward_model
 
-def gold_scorer(prompts, responses):
-    """The toy world's gold reward of each full review (prompt + response), as the DPO paper scores it."""
-    from nanoalign.toy.world import gold_reward
-    return torch.tensor([gold_reward(p + r) for p, r in zip(prompts, responses)], dtype=torch.float32)
+SCORERS = {}  # name -> scorer(prompts, responses), filled by register_scorer
+
+
+def register_scorer(name, scorer):
+    """Make get_scorer(name) return `scorer`, a function (prompts, responses) -> (N,) float32 tensor."""
+    SCORERS[name] = scorer
 
 
 class RewardModelScorer:
-    """A trained reward model (algos/rm.py RewardModel) as a scorer of text, `batch_size` sequences per forward,
+    """A trained reward model (model.py RewardModel, trained by algos/rm.py) as a scorer of text, `batch_size` sequences per forward,
     in eval mode under no_grad. A sequence longer than the model's context loses the start of its prompt."""
 
     def __init__(self, reward_model, tokenizer, batch_size=64):
@@ -52,11 +55,12 @@ class RewardModelScorer:
 
 
 def get_scorer(spec, device="cpu", batch_size=64):
-    """A scorer from a spec string: "gold" or "ckpt:<dir>" (a bare path means a checkpoint too)."""
-    if spec == "gold":
-        return gold_scorer
+    """A scorer from a spec string: a registered name ("gold") or "ckpt:<dir>" (a bare path means a checkpoint)."""
+    if spec in SCORERS:
+        return SCORERS[spec]
     if not spec:
         raise ValueError('empty reward spec: give "gold" or "ckpt:<reward model dir>"')
-    from nanoalign.algos.rm import load_reward_model
+    if spec == "gold":
+        raise ValueError('reward "gold" is the toy world\'s: import nanoalign.toy to register it')
     model, tokenizer = load_reward_model(spec, device)
     return RewardModelScorer(model, tokenizer, batch_size)

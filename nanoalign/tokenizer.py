@@ -1,9 +1,10 @@
 """Tokenizers: thin wrappers around `tiktoken.Encoding`, rebuilt from a short spec string.
 
-Specs: "toy" (byte-level BPE trained here on the toy world's words; no download), "bytes" (the 256
-bytes), "gpt2" (tiktoken's GPT-2 BPE; needs its files in TIKTOKEN_CACHE_DIR), "hf:<dir>" (a
-tokenizer.json converted by `nanoalign.hf`). Every encoding has EOS and PAD as explicit special
-tokens, and PAD is never EOS: a padded position must never be read as "the sequence ended".
+Specs: "bytes" (the 256 bytes), "gpt2" (tiktoken's GPT-2 BPE; needs its files in TIKTOKEN_CACHE_DIR), and
+any name registered with `register_encoding` ("toy": the toy world's BPE, registered by nanoalign.toy).
+"hf:<dir>" (a tokenizer.json converted by nanoalign/hf/tokenizer.py) is resolved by nanoalign.loading,
+the one place that turns a spec into a model or tokenizer. Every encoding has EOS and PAD as explicit
+special tokens, and PAD is never EOS: a padded position must never be read as "the sequence ended".
 """
 import functools
 import os
@@ -15,7 +16,6 @@ from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PAT_STR  # GPT-2's p
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-SPECS = ("toy", "bytes", "gpt2", "hf:<dir>")
 TOY_MAX_VOCAB = 1024  # toy encoding size cap, special tokens included
 
 
@@ -25,8 +25,10 @@ class Tokenizer:
     def __init__(self, encoding: tiktoken.Encoding, spec: str, eos_token: str = EOS_TOKEN,
                  pad_token: str = PAD_TOKEN, bos_token: str | None = None):
         for token in (eos_token, pad_token) + ((bos_token,) if bos_token else ()):
-            assert token in encoding.special_tokens_set, f"{token!r} is not a special token of {encoding.name}"
-        assert pad_token != eos_token, "PAD must not be EOS: padding would read as end of sequence"
+            if token not in encoding.special_tokens_set:
+                raise ValueError(f"{token!r} is not a special token of {encoding.name}")
+        if pad_token == eos_token:
+            raise ValueError("PAD must not be EOS: padding would read as end of sequence")
         self.encoding, self.spec, self.name = encoding, spec, encoding.name
         self.eos_id = encoding.encode_single_token(eos_token)
         self.pad_id = encoding.encode_single_token(pad_token)
@@ -104,14 +106,14 @@ def _with_specials(name: str, mergeable_ranks: dict[bytes, int]) -> tiktoken.Enc
                              special_tokens={EOS_TOKEN: n, PAD_TOKEN: n + 1})
 
 
-@functools.lru_cache(maxsize=None)
-def _toy_encoding() -> tiktoken.Encoding:
-    from nanoalign.toy.world import vocabulary  # lazy: the toy world is only needed for this spec
+def toy_encoding(vocabulary: dict[str, int]) -> tiktoken.Encoding:
+    """Byte-level BPE trained on a word-count vocabulary (each word in its mid-sentence form, " word", as GPT-2's
+    regex yields it), TOY_MAX_VOCAB ids in all, the last two for EOS and PAD."""
     pieces = Counter()
-    for word, count in vocabulary().items():
-        for piece in pretokenize(" " + word):  # mid-sentence form, as GPT-2's regex yields it
+    for word, count in vocabulary.items():
+        for piece in pretokenize(" " + word):
             pieces[piece] += count
-    return _with_specials("toy", train_bpe(dict(pieces), TOY_MAX_VOCAB - 2))  # 2 ids left for EOS, PAD
+    return _with_specials("toy", train_bpe(dict(pieces), TOY_MAX_VOCAB - 2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,15 +131,22 @@ def _gpt2_encoding() -> tiktoken.Encoding:
                              special_tokens={**base._special_tokens, PAD_TOKEN: base.n_vocab})
 
 
+ENCODINGS = {  # spec -> a zero-argument function building its encoding (called once, cached)
+    "bytes": lambda: _with_specials("bytes", {bytes([b]): b for b in range(256)}),
+    "gpt2": _gpt2_encoding,
+}
+
+
+def register_encoding(spec: str, build) -> None:
+    """Make get_tokenizer(spec) return Tokenizer(build(), spec); `build` runs once, on first use."""
+    ENCODINGS[spec] = functools.lru_cache(maxsize=None)(build)
+
+
 def get_tokenizer(spec: str) -> Tokenizer:
-    """The tokenizer named by `spec`: "toy", "bytes", "gpt2" or "hf:<dir>"."""
-    if spec == "toy":
-        return Tokenizer(_toy_encoding(), spec)
-    if spec == "bytes":
-        return Tokenizer(_with_specials("bytes", {bytes([b]): b for b in range(256)}), spec)
-    if spec == "gpt2":
-        return Tokenizer(_gpt2_encoding(), spec)
+    """The tokenizer named by a registered spec ("bytes", "gpt2", "toy" once nanoalign.toy is imported)."""
     if spec.startswith("hf:"):
-        from nanoalign.hf import load_tokenizer  # lazy: only HF checkpoints need it
-        return load_tokenizer(spec[len("hf:"):])
-    raise ValueError(f"unknown tokenizer spec {spec!r}; valid: {', '.join(SPECS)}")
+        raise ValueError(f"{spec!r} is a Hugging Face tokenizer: nanoalign.loading.load_tokenizer reads it")
+    if spec not in ENCODINGS:
+        hint = " (the toy world registers it: import nanoalign.toy)" if spec == "toy" else ""
+        raise ValueError(f"unknown tokenizer spec {spec!r}{hint}; valid: {', '.join(ENCODINGS)}, hf:<dir>")
+    return Tokenizer(ENCODINGS[spec](), spec)

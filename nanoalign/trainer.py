@@ -20,12 +20,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from nanoalign.checkpoint import load_checkpoint, load_model, save_checkpoint
+from nanoalign.checkpoint import load_checkpoint, save_checkpoint
 from nanoalign.config import config_to_dict
-from nanoalign.data import collate, micro_batches
-from nanoalign.lora import apply_lora, load_lora_checkpoint, lora_checkpoint
-from nanoalign.model import GPT, GPTConfig, llama_config
-from nanoalign.tokenizer import get_tokenizer
+from nanoalign.data import collate, load_examples, micro_batches, to_device
+from nanoalign.loading import apply_lora, build_policy, load_trainable_state, trainable_state
 
 
 @dataclass
@@ -57,6 +55,26 @@ class Algorithm:
     def __init__(self, cfg, policy, tokenizer, ctx):
         self.cfg, self.policy, self.tokenizer, self.ctx = cfg, policy, tokenizer, ctx
         self.module = policy  # what the optimiser updates and the checkpoint stores
+        self.eval_examples = []  # evaluate() averages the loss over these (the default below)
+
+    @property
+    def max_len(self):
+        """The longest sequence a row may have: cfg.max_len, cut to what the model's positions hold."""
+        return min(self.cfg.max_len, self.policy.cfg.block_size)
+
+    def log(self, *args):
+        """print on rank 0 only."""
+        if self.ctx.master:
+            print(*args)
+
+    def load_data(self, fmt):
+        """(training examples, eval examples) of cfg.data and cfg.eval_data ([] without), read by load_file."""
+        cfg = self.cfg
+        return self.load_file(cfg.data, fmt), (self.load_file(cfg.eval_data, fmt) if cfg.eval_data else [])
+
+    def load_file(self, path, fmt):
+        """Tokenised examples of one JSONL file in `fmt`, sequences fitted to max_len (data.load_examples)."""
+        return load_examples(path, fmt, self.tokenizer, self.max_len, log=self.log)
 
     def collate(self, examples):
         """Pad a list of tokenised examples into one batch of tensors (data.collate; override to add fields)."""
@@ -74,11 +92,23 @@ class Algorithm:
         raise NotImplementedError
 
     def evaluate(self, model):
+        """eval/<metric>: the loss and metrics of `loss` averaged over the first cfg.eval_batches micro-batches of
+        self.eval_examples (called in eval mode under no_grad); {} without eval data."""
+        sums, n, size = {}, 0, self.ctx.micro_batch_size
+        for i in range(0, min(len(self.eval_examples), size * self.cfg.eval_batches), size):
+            loss, metrics = self.loss(model, to_device(self.collate(self.eval_examples[i:i + size]), self.ctx.device))
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        return {f"eval/{k}": v / n for k, v in sums.items()}
+
+    def state_dict(self):
+        """The algorithm's own state beyond the module's weights (e.g. PPO's adaptive KL coefficient), saved as
+        entries of the checkpoint; `load_state_dict` gets the whole checkpoint back on resume."""
         return {}
 
-    def checkpoint_extra(self):
-        """Extra entries for the checkpoint (e.g. a reward model's normalisation statistics)."""
-        return {}
+    def load_state_dict(self, ckpt):
+        """Restore what state_dict saved (called on resume, after the weights are loaded)."""
 
     def finish(self, model):
         """Called once on every rank after the last step, before the final checkpoint."""
@@ -116,24 +146,6 @@ def resolve_dtype(cfg, device):
     return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
 
 
-def build_policy(cfg, device):
-    """The starting language model: a fresh one, a nanoalign checkpoint, or Hugging Face weights."""
-    if cfg.init_from == "scratch":
-        tokenizer = get_tokenizer(cfg.tokenizer)
-        make = llama_config if cfg.arch == "llama" else GPTConfig
-        shape = dict(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
-        return GPT(make(**shape)).to(device), tokenizer
-    if not cfg.init_from:
-        raise ValueError("init_from is empty: give scratch, ckpt:<dir> or hf:<dir> (train.py fills in the toy world's)")
-    model, tokenizer = load_model(cfg.init_from, device)
-    model.cfg.dropout = cfg.dropout
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = cfg.dropout
-    return model, tokenizer
-
-
 def make_optimizer(module, cfg, device):
     """AdamW; weight decay only on matrices of linear layers (not norms, biases or embeddings). The fused kernel on
     CUDA and CPU (one pass over each tensor instead of ~10 elementwise ops; on a CPU it cut a GPT-2-124M step's
@@ -152,10 +164,6 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def reduce_metrics(sums, count, world_size, device):
@@ -194,13 +202,10 @@ def train(cfg, algorithm_cls, stop_after=None):
     dtype = resolve_dtype(cfg, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    policy, tokenizer = build_policy(cfg, device)
-    if cfg.lora_rank:  # LoRA: adapters before the algorithm is built, so its pi_ref is these weights, adapters off
-        apply_lora(policy, cfg)
+    policy, tokenizer = build_policy(cfg, device)  # with LoRA adapters already, so pi_ref = adapters off
     ctx = Context(device, rank, world_size, cfg.micro_batch_size, grad_accum, autocast)
     algo = algorithm_cls(cfg, policy, tokenizer, ctx)
-    if cfg.lora_rank:  # LoRA: adapters on any other LM the algorithm built; only adapters and heads train
-        apply_lora(algo.module, cfg)
+    apply_lora(algo.module, cfg)  # LoRA: adapters on any other LM the algorithm built (a critic); else a no-op
     module = algo.module.to(device)
     optimizer = make_optimizer(module, cfg, device)
 
@@ -208,10 +213,8 @@ def train(cfg, algorithm_cls, stop_after=None):
     resume_from = out_dir / "ckpt.pt"
     if cfg.resume and resume_from.exists():
         ckpt = load_checkpoint(resume_from, device)
-        if cfg.lora_rank:  # LoRA: the checkpoint holds the adapters and heads only
-            load_lora_checkpoint(module, ckpt)
-        else:
-            module.load_state_dict(ckpt["model"])
+        load_trainable_state(module, ckpt)
+        algo.load_state_dict(ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
         set_rng_state(ckpt["rng"])
@@ -232,11 +235,10 @@ def train(cfg, algorithm_cls, stop_after=None):
 
     def save(step):
         if rank == 0:
-            weights = lora_checkpoint(module, cfg) if cfg.lora_rank else {"model": module.state_dict()}  # LoRA: adapters
-            save_checkpoint(out_dir / "ckpt.pt", **weights, optimizer=optimizer.state_dict(),
+            save_checkpoint(out_dir / "ckpt.pt", **trainable_state(module, cfg), optimizer=optimizer.state_dict(),
                             step=step, rng=rng_state(), config=config_to_dict(cfg), algo=algo.name,
                             model_config=asdict(algo.policy.cfg), tokenizer=tokenizer.spec, kind=algo.checkpoint_kind,
-                            **algo.checkpoint_extra())
+                            **algo.state_dict())
         if world_size > 1:
             dist.barrier()
 
@@ -272,10 +274,12 @@ def train(cfg, algorithm_cls, stop_after=None):
         times["update"] += time.perf_counter() - t2
 
         last = step + 1 == cfg.max_steps
-        if (step + 1) % cfg.log_interval == 0 or last:
+        log_now = (step + 1) % cfg.log_interval == 0 or last
+        eval_now = bool(cfg.eval_interval) and ((step + 1) % cfg.eval_interval == 0 or last)
+        if log_now or eval_now:  # an eval step is logged even between log steps (its row holds the train metrics too)
             record = {"step": step + 1, "lr": lr, **reduce_metrics(sums, n_micro, world_size, device)}
             record.update({f"time/{k}_s": v / n_micro * grad_accum for k, v in times.items()})  # per optimizer step
-            if cfg.eval_interval and ((step + 1) % cfg.eval_interval == 0 or last):
+            if eval_now:
                 module.eval()
                 with torch.no_grad(), autocast():
                     record.update(algo.evaluate(model))
@@ -291,6 +295,8 @@ def train(cfg, algorithm_cls, stop_after=None):
         if stop_after is not None and step + 1 == stop_after:
             save(step + 1)
             bar.close()
+            if log_file:
+                log_file.close()
             return out_dir
     bar.close()
     module.eval()

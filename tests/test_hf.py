@@ -15,7 +15,9 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 
 from nanoalign.chat import chat_template_for, render_messages  # noqa: E402
 from nanoalign.checkpoint import save_checkpoint  # noqa: E402
-from nanoalign.hf import load_hf_model, load_tokenizer, main, save_hf_model  # noqa: E402
+from nanoalign.hf.__main__ import main  # noqa: E402
+from nanoalign.hf.tokenizer import load_tokenizer  # noqa: E402
+from nanoalign.hf.weights import load_hf_model, save_hf_model  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"

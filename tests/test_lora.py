@@ -15,24 +15,27 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from nanoalign.algos.dpo import DPO, Reference
+from nanoalign.algos.dpo import DPO
 from nanoalign.algos.ppo import PPO
-from nanoalign.algos.rm import RewardTrainer, load_reward_model
-from nanoalign.checkpoint import load_checkpoint, load_model, save_checkpoint
+from nanoalign.algos.rm import RewardTrainer
+from nanoalign.loading import load_reward_model
+from nanoalign.checkpoint import load_checkpoint, save_checkpoint
 from nanoalign.config import load_config
+from nanoalign.loading import apply_lora, gpt_modules, load_model, merged_state_dict
+from nanoalign.loading import main as lora_main  # the merge command
 from nanoalign.logps import batch_logps
-from nanoalign.lora import (LoRALinear, apply_lora, count_parameters, disable_lora, gpt_modules, inject_lora,
-                            is_lora_param, load_lora_state_dict, lora_layers, lora_state_dict, mark_only_lora_trainable,
-                            merge_and_unload, merge_lora, merged_state_dict, unmerge_lora)
-from nanoalign.lora import main as lora_main  # the merge command
+from nanoalign.lora import (LoRALinear, count_parameters, disable_lora, inject_lora, is_lora_param,
+                            load_lora_state_dict, lora_layers, lora_state_dict, mark_only_lora_trainable,
+                            merge_and_unload, merge_lora, unmerge_lora)
 from nanoalign.model import GPT, GPTConfig, llama_config
+from nanoalign.reference import Reference
 from nanoalign.rollout import response_logps
 from nanoalign.scorers import RewardModelScorer
 from nanoalign.tokenizer import get_tokenizer
-from nanoalign.trainer import Context, build_policy, make_optimizer, train
+from nanoalign.loading import build_policy
+from nanoalign.trainer import Context, make_optimizer, train
 from train import algo_config, main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,8 +221,10 @@ def run_args(root, out_dir, **kw):
 
 def test_dpo_lora_reference_equals_an_explicit_frozen_copy_of_the_base(run_files, tmp_path):
     cfg = load_config(run_args(run_files, tmp_path, ref_logps="live"), algo_config)
-    policy, tokenizer = build_policy(cfg, torch.device("cpu"))
-    assert apply_lora(policy, cfg) == ["blocks.0.attn.q_proj", "blocks.0.attn.v_proj"]
+    policy, tokenizer = build_policy(cfg, torch.device("cpu"))  # the adapters come with the run's policy
+    assert [n for n, m in policy.named_modules() if isinstance(m, LoRALinear)] == ["blocks.0.attn.q_proj",
+                                                                                  "blocks.0.attn.v_proj"]
+    assert apply_lora(policy, cfg) == []  # a GPT that has adapters gets no second set
     dpo = DPO(cfg, policy, tokenizer, Context(torch.device("cpu"), 0, 1, 4, 1, contextlib.nullcontext))
     assert dpo.reference.frozen is None  # no second copy of the weights
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=3e-2)
@@ -231,7 +236,7 @@ def test_dpo_lora_reference_equals_an_explicit_frozen_copy_of_the_base(run_files
     batch = dpo.collate(dpo.examples[12:16])
     lora_loss, lora_metrics = dpo.loss(policy, batch)
     frozen_base = load_model(f"ckpt:{run_files / 'base'}")[0]
-    dpo.reference = Reference(frozen_base, live=True)  # the explicit frozen copy, as without LoRA
+    dpo.reference = Reference(frozen_base, copy=True)  # the explicit frozen copy, as without LoRA
     assert dpo.reference.frozen is not None
     copy_loss, copy_metrics = dpo.loss(policy, batch)
     assert torch.equal(lora_loss, copy_loss) and lora_metrics == copy_metrics
@@ -340,19 +345,18 @@ def test_rm_with_lora_trains_adapters_and_head_and_its_checkpoint_loads_as_the_s
 def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(run_files, tmp_path):
     cfg = load_config(run_args(run_files, tmp_path, algo="ppo", reward_model="gold", rollout_batch_size=8,
                                ppo_epochs=1, max_new_tokens=6), algo_config)
-    policy, tokenizer = build_policy(cfg, torch.device("cpu"))
-    apply_lora(policy, cfg)
+    policy, tokenizer = build_policy(cfg, torch.device("cpu"))  # with adapters
     ppo = PPO(cfg, policy, tokenizer, Context(torch.device("cpu"), 0, 1, 4, 2, contextlib.nullcontext))
     apply_lora(ppo.module, cfg)  # what the trainer does: the critic (a copy of the policy's trunk) gets adapters
     assert list(gpt_modules(ppo.module)) == ["policy.", "critic.backbone."]
-    assert not isinstance(ppo.reference, nn.Module)  # pi_ref is a function of the policy, not a frozen copy
+    assert ppo.reference.frozen is None  # pi_ref is the policy with its adapters off, not a frozen copy
     assert len(lora_layers(ppo.module.critic)) == 2 and ppo.module.critic.backbone is not policy
     with torch.no_grad():
         for layer in lora_layers(policy):  # move the policy away from the base (B = 0 would hide a wrong reference)
             layer.lora_B.weight.normal_(0, 0.5)
     batch = next(ppo.batches(0))  # a rollout of the moved policy
     frozen_base = load_model(f"ckpt:{run_files / 'base'}")[0].eval()
-    ref = ppo.reference(batch)
+    ref = ppo.reference.response_logps(batch)
     assert torch.allclose(ref, response_logps(frozen_base, batch), atol=1e-6)
     assert not torch.allclose(ref, response_logps(policy.eval(), batch), atol=1e-3)
     assert batch["objective/kl"].item() > 1e-3  # the rollout's KL penalty used the same reference

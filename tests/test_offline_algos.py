@@ -20,7 +20,8 @@ from nanoalign.config import load_config
 from nanoalign.data import Filtered
 from nanoalign.tokenizer import get_tokenizer
 from nanoalign.toy.evaluate import evaluate
-from nanoalign.trainer import Context, build_policy
+from nanoalign.loading import build_policy
+from nanoalign.trainer import Context
 from train import algo_config, main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

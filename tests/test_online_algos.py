@@ -93,7 +93,8 @@ from nanoalign.algos.rl_math import best_of_n_kl
 from nanoalign.algos.rloo import RLOO
 from nanoalign.config import load_config
 from nanoalign.rollout import Rollout
-from nanoalign.trainer import Context, build_policy
+from nanoalign.loading import build_policy
+from nanoalign.trainer import Context
 from train import algo_config, main as train_main
 
 CPU = torch.device("cpu")

@@ -14,8 +14,10 @@ tokenizers = pytest.importorskip("tokenizers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from nanoalign.checkpoint import save_checkpoint  # noqa: E402
-from nanoalign.hf import load_hf_model, main  # noqa: E402
-from nanoalign.lora import inject_lora, lora_checkpoint, lora_layers, mark_only_lora_trainable  # noqa: E402
+from nanoalign.hf.__main__ import main  # noqa: E402
+from nanoalign.hf.weights import load_hf_model  # noqa: E402
+from nanoalign.loading import trainable_state  # noqa: E402
+from nanoalign.lora import inject_lora, lora_layers, mark_only_lora_trainable  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 RANK, ALPHA = 4, 8.0
@@ -58,7 +60,7 @@ def exported(request, tmp_path_factory):
         for layer in lora_layers(model):
             layer.lora_B.weight.normal_(0, 0.5)  # B = 0 would export zeros and hide any mix-up
     run_cfg = SimpleNamespace(init_from=f"hf:{root / 'base'}", lora_rank=RANK, lora_alpha=ALPHA, lora_targets=targets)
-    save_checkpoint(root / "run" / "ckpt.pt", **lora_checkpoint(model, run_cfg), model_config=asdict(model.cfg),
+    save_checkpoint(root / "run" / "ckpt.pt", **trainable_state(model, run_cfg), model_config=asdict(model.cfg),
                     tokenizer=tok.spec, kind="policy", config={"lora_dropout": 0.05})
     main(["export", f"--ckpt={root / 'run'}", f"--out={root / 'adapter'}", "--peft"])
     return name, root / "base", model.eval(), root / "adapter"

@@ -13,15 +13,20 @@ import random
 import pytest
 import torch
 
-from nanoalign.algos.ppo import PPO, ActorCritic, ppo_targets
-from nanoalign.algos.rm import RewardModel, last_token_index, load_reward_model, reward_loss
-from nanoalign.checkpoint import load_model
+from nanoalign.algos.ppo import PPO, ppo_targets
+from nanoalign.algos.rm import reward_loss
+from nanoalign.loading import load_reward_model
+from nanoalign.model import RewardModel, last_token_index
+from nanoalign.reference import Reference
+from nanoalign.loading import load_model
 from nanoalign.config import load_config
 from nanoalign.model import GPT, GPTConfig
 from nanoalign.rollout import generate_rollout, minibatches, response_logps
-from nanoalign.scorers import RewardModelScorer, gold_scorer
+from nanoalign.scorers import RewardModelScorer
+from nanoalign.toy import gold_scorer
 from nanoalign.tokenizer import get_tokenizer
-from nanoalign.trainer import Context, build_policy
+from nanoalign.loading import build_policy
+from nanoalign.trainer import Context
 from train import algo_config, main as train_main
 
 TOK = get_tokenizer("toy")
@@ -165,7 +170,8 @@ def test_rollout_layout_logprobs_reference_and_scores():
     policy, reference = tiny_gpt(0, eos_bias=3.7), tiny_gpt(1)  # P(EOS) ~ 0.2 per token at temperature 0.7
     prompt_ids = [TOK.encode(p) for p in PROMPTS[:3]]
     g = torch.Generator().manual_seed(0)
-    r = generate_rollout(policy, TOK, prompt_ids, 3, 10, gold_scorer, temperature=0.7, reference=reference,
+    r = generate_rollout(policy, TOK, prompt_ids, 3, 10, gold_scorer, temperature=0.7,
+                         reference=Reference(reference, copy=False),
                          batch_size=4, generator=g)  # 9 rows in 3 generate calls of different widths
     assert len(r) == 9 and r.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     lengths = r.response_mask.sum(1)
@@ -308,7 +314,8 @@ def test_reward_model_on_heldout_toy_pairs(tmp_path, monkeypatch):
     held-out prompt: accuracy vs the gold direction (the issue's target: > 90%), accuracy vs fresh annotator labels
     compared with the annotator's own agreement with the gold direction (the ceiling for any model), and the
     correlation of the RM's scores with the gold reward."""
-    from nanoalign.checkpoint import load_checkpoint, model_from_checkpoint
+    from nanoalign.checkpoint import load_checkpoint
+    from nanoalign.loading import model_from_checkpoint
     from nanoalign.data import read_jsonl
     from nanoalign.toy.pipeline import prepare, toy_dir
     from nanoalign.toy.world import TAU

@@ -291,7 +291,8 @@ def dpo_args(data, out_dir, **kw):
 def dpo_algorithm(data, tmp_path):
     from nanoalign.algos.dpo import DPO
     from nanoalign.config import load_config
-    from nanoalign.trainer import Context, build_policy
+    from nanoalign.loading import build_policy
+    from nanoalign.trainer import Context
     from train import algo_config
     cfg = load_config(dpo_args(data, tmp_path), algo_config)
     policy, tokenizer = build_policy(cfg, torch.device("cpu"))

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from nanoalign.algos import ALGORITHMS, get_algorithm
-from nanoalign.algos.rm import load_reward_model
+from nanoalign.loading import load_reward_model
 from nanoalign.algos.sft import SFT
-from nanoalign.checkpoint import load_checkpoint, load_model
+from nanoalign.checkpoint import load_checkpoint
+from nanoalign.loading import load_model
 from nanoalign.config import load_config
 from nanoalign.data import read_jsonl
 from nanoalign.toy import frontier, pipeline

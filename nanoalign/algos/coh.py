@@ -54,7 +54,6 @@ from typing import Literal
 
 from nanoalign.algos.sft import SFT
 from nanoalign.data import Filtered, read_jsonl, report
-from nanoalign.trainer import Algorithm
 
 
 @dataclass
@@ -113,14 +112,8 @@ class CoH(SFT):
     Config = CoHConfig
     data_format = "preference"
 
-    def __init__(self, cfg, policy, tokenizer, ctx):
-        Algorithm.__init__(self, cfg, policy, tokenizer, ctx)
-        log = print if ctx.master else (lambda *a, **k: None)
-        max_len = min(cfg.max_len, policy.cfg.block_size)  # longer sequences do not fit the model
-        self.examples = self.load(cfg.data, max_len, log)
-        self.eval_examples = self.load(cfg.eval_data, max_len, log) if cfg.eval_data else []
-
-    def load(self, path, max_len, log):
+    def load_file(self, path, fmt):
+        """Preference rows rewritten into feedback-conditioned SFT examples (replaces SFT's reading of `fmt`)."""
         rng, filtered, examples = random.Random(self.cfg.seed), Filtered(), []
         for row in read_jsonl(path, "preference"):
             if row["chosen"] == row["rejected"]:  # no feedback to give
@@ -129,10 +122,11 @@ class CoH(SFT):
             positive_first = self.cfg.coh_order == "positive_first" or rng.random() < 0.5
             segments = hindsight_segments(row["prompt"], row["chosen"], row["rejected"], self.cfg.coh_positive,
                                           self.cfg.coh_negative, positive_first, self.cfg.coh_phrase_first)
-            example = tokenize_segments(segments, self.tokenizer, max_len, filtered, not self.cfg.coh_phrase_first)
+            example = tokenize_segments(segments, self.tokenizer, self.max_len, filtered,
+                                        not self.cfg.coh_phrase_first)
             if example is not None:
                 examples.append(example)
-        report(filtered, path, len(examples), log)
+        report(filtered, path, len(examples), self.log)
         return examples
 
     @classmethod

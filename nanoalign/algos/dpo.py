@@ -73,19 +73,16 @@ This implementation differs from the papers in:
     regulariser; "hinge" uses the reference-normalised h and no regulariser (RSO / TRL form).
   - label smoothing is only defined for "sigmoid" (cDPO) and "robust"; other types reject it.
 """
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanoalign.algos.sft import sft_loss
-from nanoalign.data import load_examples
 from nanoalign.logps import batch_logps
-from nanoalign.lora import disable_lora, lora_layers
-from nanoalign.trainer import Algorithm, to_device
+from nanoalign.reference import Reference, precompute
+from nanoalign.trainer import Algorithm
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "rdpo", "dpop", "simpo", "cpo")
 REFERENCE_FREE = ("simpo", "cpo")  # h is built from log pi alone, no pi_ref
@@ -139,7 +136,7 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
     return losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach()
 
 
-# --- Algorithm adapter (phase 2): batch -> policy and reference log-probs -> preference_loss ---
+# --- The algorithm: batch -> policy and reference log-probs -> preference_loss ---
 #
 # The adapter turns a micro-batch into the tensors above. Reference log-probs (pi_ref = the policy's initial
 # weights) are computed ONCE for the whole dataset before the first step (ref_logps="precompute", the default):
@@ -149,61 +146,6 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
 # instead and runs it on every micro-batch. "simpo" and "cpo" need no reference at all.
 # Departures from TRL's DPOTrainer: the NLL term (rpo_alpha) is the token mean over the micro-batch's chosen
 # answers, as our SFT loss; logps/* report SUMMED log-probs for every loss type.
-
-
-class Reference:
-    """pi_ref = the policy's initial weights. live=True keeps a frozen deep copy for the whole run; otherwise the
-    policy itself answers, which is only right before its first optimizer step (the precompute pass). This is the
-    one place that decides what pi_ref is (with LoRA: the same weights with the adapters disabled)."""
-
-    def __init__(self, policy, live):
-        self.policy = policy
-        live = live and not lora_layers(policy)  # LoRA: pi_ref is the policy with its adapters off, no copy
-        self.frozen = copy.deepcopy(policy).requires_grad_(False).eval() if live else None
-
-    @torch.no_grad()
-    def logps(self, input_ids, loss_mask):
-        """Summed completion log-probs (B,) under pi_ref, without dropout."""
-        model = self.frozen if self.frozen is not None else self.policy
-        was_training = model.training
-        model.eval()
-        with disable_lora(model):  # exactly the base weights under LoRA; a no-op without adapters
-            logps, _, _ = batch_logps(model, input_ids, loss_mask)
-        model.train(was_training)
-        return logps
-
-
-@torch.no_grad()
-def precompute(examples, names, compute, collate_fn, ctx):
-    """Store e[name] = float for every example, from compute(batch) -> {name: (b,) tensor}, run once.
-    Under DDP rank r computes examples r, r + W, r + 2W, ... and all_gather shares the shards (cost / W)."""
-    mine = list(range(ctx.rank, len(examples), ctx.world_size))
-    per_rank = -(-len(examples) // ctx.world_size)  # ceil(N / W): shards padded to one shape for all_gather
-    values = torch.zeros(per_rank, len(names), device=ctx.device)  # (per_rank, K)
-    for i in range(0, len(mine), ctx.micro_batch_size):
-        batch = to_device(collate_fn([examples[j] for j in mine[i:i + ctx.micro_batch_size]]), ctx.device)
-        with ctx.autocast():
-            out = compute(batch)
-        values[i:i + len(out[names[0]])] = torch.stack([out[n].float() for n in names], 1)
-    shards = [values]
-    if ctx.world_size > 1:
-        shards = [torch.empty_like(values) for _ in range(ctx.world_size)]
-        dist.all_gather(shards, values)
-    for rank, shard in enumerate(shards):
-        for k, row in enumerate(shard.tolist()):
-            if rank + k * ctx.world_size < len(examples):  # skip the padding rows
-                examples[rank + k * ctx.world_size].update(zip(names, row))
-
-
-def evaluate_loss(algo, model, examples):
-    """eval/<name>: algo.loss's loss and metrics averaged over the first cfg.eval_batches micro-batches."""
-    sums, n, size = {}, 0, algo.ctx.micro_batch_size
-    for i in range(0, min(len(examples), size * algo.cfg.eval_batches), size):
-        loss, metrics = algo.loss(model, to_device(algo.collate(examples[i:i + size]), algo.ctx.device))
-        for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-    return {f"eval/{k}": v / n for k, v in sums.items()}
 
 
 @dataclass
@@ -231,19 +173,16 @@ class DPO(Algorithm):
                                 rdpo_alpha=cfg.rdpo_alpha, dpop_lambda=cfg.dpop_lambda, simpo_gamma=cfg.simpo_gamma)
         one = torch.ones(1)
         preference_loss(one, one, one, one, chosen_counts=one, rejected_counts=one, **self.loss_kwargs)  # bad keys fail now
-        log = print if ctx.master else (lambda *a, **k: None)
-        max_len = min(cfg.max_len, policy.cfg.block_size)  # longer sequences do not fit the model
-        self.examples = load_examples(cfg.data, "preference", tokenizer, max_len, log=log)
-        self.eval_examples = load_examples(cfg.eval_data, "preference", tokenizer, max_len, log=log) if cfg.eval_data else []
+        self.examples, self.eval_examples = self.load_data("preference")
         self.reference = None
         if cfg.loss_type not in REFERENCE_FREE:
-            self.reference = Reference(policy, live=cfg.ref_logps == "live")
+            self.reference = Reference(policy, copy=cfg.ref_logps == "live")
             if cfg.ref_logps == "precompute":
                 for examples in (self.examples, self.eval_examples):
                     precompute(examples, ("ref_chosen_logps", "ref_rejected_logps"), self.reference_logps,
                                self.collate, ctx)
                 self.reference = None  # the initial weights are not needed any more
-                log(f"dpo: reference log-probs precomputed for {len(self.examples) + len(self.eval_examples)} pairs")
+                self.log(f"dpo: reference log-probs precomputed for {len(self.examples) + len(self.eval_examples)} pairs")
 
     def reference_logps(self, batch):
         """{"ref_chosen_logps": (B,), "ref_rejected_logps": (B,)} of a preference batch under pi_ref."""
@@ -271,6 +210,3 @@ class DPO(Algorithm):
             loss = loss + self.cfg.rpo_alpha * nll
             metrics["nll_loss"] = nll.detach()
         return loss, metrics
-
-    def evaluate(self, model):
-        return evaluate_loss(self, model, self.eval_examples) if self.eval_examples else {}

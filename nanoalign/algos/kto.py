@@ -43,9 +43,9 @@ from typing import Literal
 
 import torch
 
-from nanoalign.algos.dpo import Reference, evaluate_loss, precompute
 from nanoalign.data import collate, read_jsonl, report, tokenize_binary, unpair
 from nanoalign.logps import batch_logps
+from nanoalign.reference import Reference, precompute
 from nanoalign.trainer import Algorithm
 
 
@@ -143,8 +143,7 @@ class KTO(Algorithm):
 
     def __init__(self, cfg, policy, tokenizer, ctx):
         super().__init__(cfg, policy, tokenizer, ctx)
-        log = print if ctx.master else (lambda *a, **k: None)
-        max_len = min(cfg.max_len, policy.cfg.block_size)  # longer sequences do not fit the model
+        log, max_len = self.log, self.max_len
         n_bos = int(tokenizer.bos_id is not None)
         self.examples = load_binary(cfg.data, tokenizer, max_len, log)
         n_desirable, n_undesirable = check_labels([e["label"] for e in self.examples], where=f"dataset {cfg.data}")
@@ -155,7 +154,7 @@ class KTO(Algorithm):
         for examples in (self.examples, self.eval_examples):
             if examples:
                 add_mismatched_pairs(examples, cfg.seed, max_len, n_bos)
-        self.reference = Reference(policy, live=cfg.ref_logps == "live")
+        self.reference = Reference(policy, copy=cfg.ref_logps == "live")
         if cfg.ref_logps == "precompute":
             for examples in (self.examples, self.eval_examples):
                 precompute(examples, ("ref_logps", "ref_kl_logps"), self.reference_logps, self.collate, ctx)
@@ -186,6 +185,3 @@ class KTO(Algorithm):
         return losses.mean(), {
             "rewards/chosen": side_mean(chosen_rewards), "rewards/rejected": side_mean(rejected_rewards), "kl": kl,
             "logps/chosen": side_mean(logps[good].detach()), "logps/rejected": side_mean(logps[~good].detach())}
-
-    def evaluate(self, model):
-        return evaluate_loss(self, model, self.eval_examples) if self.eval_examples else {}

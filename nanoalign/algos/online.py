@@ -11,14 +11,13 @@ Reproducibility: the prompts of rollout r are the r-th slice of a seeded permuta
 and its sampling generator is seeded by (seed, r, rank). A run resumed in the middle of a rollout's epochs
 regenerates that rollout with the resumed weights, then skips the steps already done.
 """
-import copy
 import itertools
 from dataclasses import dataclass
 
 import torch
 
 from nanoalign.data import collate, load_examples, micro_batches
-from nanoalign.lora import disable_lora, lora_layers
+from nanoalign.reference import Reference
 from nanoalign.rollout import generate_rollout, minibatches, response_logps
 from nanoalign.scorers import get_scorer
 from nanoalign.trainer import Algorithm
@@ -39,22 +38,6 @@ def no_scores(prompts, responses):
     return torch.zeros(len(prompts))
 
 
-def make_reference(policy, temperature):
-    """pi_ref = the policy's initial weights: a frozen copy, or under LoRA the policy itself with its adapters off
-    (no copy). Returns what generate_rollout takes as `reference`: a module or a batch -> (n, R) callable."""
-    if not lora_layers(policy):
-        return copy.deepcopy(policy).requires_grad_(False).eval()
-
-    def reference(batch):
-        was_training = policy.training
-        policy.eval()
-        with disable_lora(policy):  # exactly the base weights
-            out = response_logps(policy, batch, temperature)
-        policy.train(was_training)
-        return out
-    return reference
-
-
 def sequence_logps(model, batch, temperature):
     """(per-token log-probs (B, R), their sum over each response (B,), response lengths (B,))."""
     per_token = response_logps(model, batch, temperature)  # (B, R), 0 on padding
@@ -72,11 +55,10 @@ class OnlineAlgorithm(Algorithm):
 
     def __init__(self, cfg, policy, tokenizer, ctx):
         super().__init__(cfg, policy, tokenizer, ctx)
-        log = print if ctx.master else (lambda *a, **k: None)
-        max_prompt_len = max(1, min(cfg.max_len, policy.cfg.block_size) - cfg.max_new_tokens)
-        self.prompts = load_examples(cfg.data, "prompt", tokenizer, cfg.max_len, max_prompt_len, log=log)
+        max_prompt_len = max(1, self.max_len - cfg.max_new_tokens)
+        self.prompts = load_examples(cfg.data, "prompt", tokenizer, cfg.max_len, max_prompt_len, log=self.log)
         self.scorer = get_scorer(cfg.reward_model, ctx.device) if cfg.reward_model else no_scores
-        self.reference = make_reference(policy, cfg.temperature) if self.uses_reference else None
+        self.reference = Reference(policy) if self.uses_reference else None
         rows = ctx.micro_batch_size * ctx.grad_accum  # this rank's rows per optimizer step
         if rows % self.rows_per_prompt:
             raise ValueError(f"{self.name}: micro_batch_size * grad_accum = {rows} rows per rank per step must be a "

@@ -28,7 +28,7 @@ import torch
 
 from nanoalign.algos.dpo import LOSS_TYPES, REFERENCE_FREE, preference_loss
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig, sequence_logps
-from nanoalign.checkpoint import load_model
+from nanoalign.loading import load_model
 from nanoalign.judge import DEFAULT_TEMPLATE, LLMJudge, ScoreAnnotator, score_preference
 
 

@@ -39,9 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanoalign.algos.dpo import evaluate_loss
 from nanoalign.algos.sft import sft_loss
-from nanoalign.data import load_examples
 from nanoalign.logps import batch_logps
 from nanoalign.trainer import Algorithm
 
@@ -83,10 +81,7 @@ class ORPO(Algorithm):
 
     def __init__(self, cfg, policy, tokenizer, ctx):
         super().__init__(cfg, policy, tokenizer, ctx)
-        log = print if ctx.master else (lambda *a, **k: None)
-        max_len = min(cfg.max_len, policy.cfg.block_size)  # longer sequences do not fit the model
-        self.examples = load_examples(cfg.data, "preference", tokenizer, max_len, log=log)
-        self.eval_examples = load_examples(cfg.eval_data, "preference", tokenizer, max_len, log=log) if cfg.eval_data else []
+        self.examples, self.eval_examples = self.load_data("preference")
 
     def loss(self, model, batch):
         logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])  # one forward, (2B,)
@@ -102,6 +97,3 @@ class ORPO(Algorithm):
             "logps/chosen": avg[:B].detach().mean(), "logps/rejected": avg[B:].detach().mean(),
             "nll_loss": nll.detach(), "log_odds_ratio": -or_term.detach().mean(),  # TRL's names: mean log s(Delta)
             "log_odds_chosen": log_odds_ratio.detach().mean()}  # and mean Delta
-
-    def evaluate(self, model):
-        return evaluate_loss(self, model, self.eval_examples) if self.eval_examples else {}

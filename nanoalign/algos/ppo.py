@@ -55,7 +55,6 @@ of the interrupted one is not replayed; checkpoint at multiples of the rollout's
 import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -64,11 +63,11 @@ import torch.nn as nn
 
 from nanoalign.algos.rl_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, masked_mean,
                                      masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss)
-from nanoalign.algos.rm import RewardModel, load_reward_model
-from nanoalign.checkpoint import checkpoint_path, load_checkpoint
 from nanoalign.data import load_examples, micro_batches
-from nanoalign.lora import disable_lora, lora_layers
-from nanoalign.rollout import generate_rollout, minibatches, response_logits_to_logps, response_logps
+from nanoalign.loading import load_reward_model
+from nanoalign.model import RewardModel
+from nanoalign.reference import Reference
+from nanoalign.rollout import generate_rollout, minibatches, response_logits_to_logps
 from nanoalign.scorers import RewardModelScorer, get_scorer
 from nanoalign.trainer import Algorithm
 
@@ -176,28 +175,15 @@ class PPO(Algorithm):
             print(f"ppo: dropout={cfg.dropout} ignored; PPO runs without dropout (D9)")
         self.scorer = get_scorer(cfg.reward_model, ctx.device)
         self.monitor = get_scorer(cfg.monitor_reward, ctx.device) if cfg.monitor_reward else None
-        self.reference = self.make_reference(policy)
+        self.reference = Reference(policy)  # a frozen copy (eval mode: D9, no dropout), or under LoRA adapters off
         self.module = ActorCritic(policy, self.make_critic(policy) if cfg.critic == "separate" else None)
         no_dropout(self.module)                                                   # D9
-        log = print if ctx.master else (lambda *a, **k: None)
         max_prompt_len = cfg.max_len - cfg.max_new_tokens
         if max_prompt_len < 1:
             raise ValueError(f"max_len={cfg.max_len} leaves no room for a prompt after max_new_tokens={cfg.max_new_tokens}")
-        self.prompts = load_examples(cfg.data, "prompt", tokenizer, cfg.max_len, max_prompt_len, log=log)
+        self.prompts = load_examples(cfg.data, "prompt", tokenizer, cfg.max_len, max_prompt_len, log=self.log)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
-        resume_from = Path(cfg.out_dir) / "ckpt.pt"
-        if cfg.resume and resume_from.exists():  # the adaptive beta is state too
-            self.kl_ctl.value = load_checkpoint(resume_from).get("kl_coef", self.kl_ctl.value)
-
-    def make_reference(self, policy):
-        """pi_ref = the initial policy: a frozen copy, or under LoRA the policy with its adapters off (no copy)."""
-        if lora_layers(policy):
-            def reference(batch):
-                with disable_lora(policy):
-                    return response_logps(policy, batch, self.cfg.temperature)
-            return reference
-        return no_dropout(copy.deepcopy(policy)).requires_grad_(False).eval()
 
     def make_critic(self, policy):
         """D4: a RewardModel used as a value network, from the reward model or from the policy's weights."""
@@ -213,8 +199,11 @@ class PPO(Algorithm):
         critic.backbone.reward_model_spec = cfg.reward_model  # under LoRA, a merge rebuilds the trunk from the RM
         return critic.train().requires_grad_(True)
 
-    def checkpoint_extra(self):
+    def state_dict(self):
         return {"policy_prefix": "policy.", "kl_coef": self.kl_ctl.value}
+
+    def load_state_dict(self, ckpt):
+        self.kl_ctl.value = ckpt.get("kl_coef", self.kl_ctl.value)  # the adaptive beta is state too
 
     def prompt_batches(self, start_rollout):
         """This rank's prompts of each rollout, in a seeded order shared by all ranks (data.micro_batches)."""

@@ -24,13 +24,10 @@ training and again after; we normalise once, at the end.
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from nanoalign.checkpoint import load_checkpoint
 from nanoalign.data import Filtered, collate, read_jsonl, report, tokenize_preference, tokenize_sft
-from nanoalign.model import GPT, GPTConfig
-from nanoalign.tokenizer import get_tokenizer
+from nanoalign.model import RewardModel
 from nanoalign.trainer import Algorithm
 
 
@@ -45,82 +42,6 @@ def reward_loss(chosen, rejected, margin=None, center_coef=0.0):
     if center_coef:
         loss = loss + center_coef * ((chosen + rejected) ** 2).mean()    # pulls the pair's mean reward to 0
     return loss
-
-
-def last_token_index(attention_mask):
-    """Index of the last real token of each row, for right, left or both-sided padding. (B, T) -> (B,)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (T,)
-    return (positions * attention_mask.long()).argmax(dim=1)             # largest t with mask 1
-
-
-class RewardModel(nn.Module):
-    """backbone: a GPT (its hidden states; its lm_head is unused). forward(input_ids, attention_mask) -> (B,)
-    normalised reward read at the last real token; token_values(...) -> (B, T) the head at every position (a
-    critic initialised from the reward model reads it there)."""
-
-    def __init__(self, backbone: GPT, readout: str = "eos"):
-        super().__init__()
-        if readout not in ("eos", "sum"):
-            raise ValueError(f"rm_readout={readout!r}: choose eos or sum")
-        self.backbone, self.readout = backbone, readout
-        d = backbone.cfg.n_embd
-        self.head = nn.Linear(d, 1)
-        nn.init.normal_(self.head.weight, std=1 / (d + 1) ** 0.5)       # lm-human-preferences' init
-        nn.init.zeros_(self.head.bias)
-        if not backbone.cfg.tie_embeddings:
-            backbone.lm_head.requires_grad_(False)  # unused: a grad-less trainable weight would stall DDP's reducer
-        self.register_buffer("reward_mean", torch.zeros(()))                  # normalisation, set by normalise()
-        self.register_buffer("reward_std", torch.ones(()))
-
-    def token_values(self, input_ids, attention_mask=None):
-        """(B, T): at each position t the normalised score the model would give if the sequence ended at t."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        h = self.backbone.hidden_states(input_ids, attention_mask)      # (B, T, C)
-        raw = self.head(h).squeeze(-1).float()                           # (B, T)
-        if self.readout == "sum":
-            raw = (raw * attention_mask).cumsum(dim=1)                   # sum_{s <= t} head(h_s) over real tokens
-        return (raw - self.reward_mean) / self.reward_std
-
-    def forward(self, input_ids, attention_mask=None):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        values = self.token_values(input_ids, attention_mask)            # (B, T)
-        return values.gather(1, last_token_index(attention_mask)[:, None])[:, 0]  # (B,) at the EOS
-
-    @torch.no_grad()
-    def normalise(self, mean, std):
-        """Store statistics of the RAW rewards so that forward() returns (raw - mean) / std."""
-        self.reward_mean.fill_(mean)
-        self.reward_std.fill_(std)
-
-    @torch.no_grad()
-    def fold_normalisation(self):
-        """Fold (raw - mean) / std into the head (w / std, (b - mean) / std) and reset the statistics to 0 / 1: the
-        same outputs, but gradients see normalised units (for a critic initialised from this model). Under the sum
-        readout the mean is subtracted once from a sum of T terms, so only the std is folded and the mean kept."""
-        self.head.weight.div_(self.reward_std)
-        self.head.bias.div_(self.reward_std)
-        if self.readout == "eos":
-            self.head.bias.sub_(self.reward_mean / self.reward_std)     # (b - mean) / std
-            self.normalise(0.0, 1.0)
-        else:
-            self.normalise(self.reward_mean / self.reward_std, 1.0)     # (sum - mean) / std = sum / std - mean / std
-
-
-def load_reward_model(spec, device="cpu"):
-    """(RewardModel, tokenizer) from a checkpoint written by --algo=rm ("ckpt:<dir>" or a path)."""
-    ckpt = load_checkpoint(spec, device)
-    if ckpt.get("kind") != "reward":
-        raise ValueError(f"{spec} holds a {ckpt.get('kind', 'policy')} model, not a reward model (train one with --algo=rm)")
-    state = ckpt["model"]
-    if "lora" in ckpt:  # adapter-only checkpoint: base weights + merged adapters (nanoalign/lora.py)
-        from nanoalign.lora import merged_state_dict
-        state = merged_state_dict(ckpt)
-    readout = ckpt.get("config", {}).get("rm_readout", "eos")  # checkpoints older than the option read at EOS
-    model = RewardModel(GPT(GPTConfig(**ckpt["model_config"])), readout)
-    model.load_state_dict(state)
-    return model.to(device).eval(), get_tokenizer(ckpt["tokenizer"])
 
 
 def load_pairs(path, tokenizer, max_len, log):
@@ -156,9 +77,8 @@ class RewardTrainer(Algorithm):
     def __init__(self, cfg, policy, tokenizer, ctx):
         super().__init__(cfg, policy, tokenizer, ctx)
         self.module = RewardModel(policy, cfg.rm_readout)
-        log = print if ctx.master else (lambda *a, **k: None)
-        self.examples = load_pairs(cfg.data, tokenizer, cfg.max_len, log)
-        self.eval_examples = load_pairs(cfg.eval_data, tokenizer, cfg.max_len, log) if cfg.eval_data else []
+        self.examples = load_pairs(cfg.data, tokenizer, self.max_len, self.log)
+        self.eval_examples = load_pairs(cfg.eval_data, tokenizer, self.max_len, self.log) if cfg.eval_data else []
 
     def pair_rewards(self, model, batch):
         rewards = model(batch["input_ids"], batch["attention_mask"])     # (2B,) one forward for both
@@ -172,26 +92,12 @@ class RewardTrainer(Algorithm):
                       "rewards/chosen": chosen.mean().detach(), "rewards/rejected": rejected.mean().detach(),
                       "rewards/mean": both.mean(), "rewards/std": both.std()}
 
-    def evaluate(self, model):
-        if not self.eval_examples:
-            return {}
-        n, sums = self.ctx.micro_batch_size, {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-        count = 0
-        for i in range(0, min(len(self.eval_examples), n * self.cfg.eval_batches), n):
-            batch = {k: v.to(self.ctx.device) for k, v in self.collate(self.eval_examples[i:i + n]).items()}
-            chosen, rejected = self.pair_rewards(model, batch)
-            sums["loss"] += float(reward_loss(chosen, rejected, batch.get("margin"))) * len(chosen)
-            sums["accuracy"] += float((chosen > rejected).float().sum())
-            sums["margin"] += float((chosen - rejected).sum())
-            count += len(chosen)
-        return {f"eval/{k}": v / count for k, v in sums.items()}
-
     def reference_sequences(self):
         """Token lists of the reference samples for the normalisation (prompt + completion + EOS)."""
         cfg = self.cfg
         if cfg.rm_norm_data:
             rows = read_jsonl(cfg.rm_norm_data, "sft")
-            return [e["input_ids"] for e in tokenize_sft(rows, self.tokenizer, cfg.max_len)[0]][:cfg.rm_norm_samples]
+            return [e["input_ids"] for e in tokenize_sft(rows, self.tokenizer, self.max_len)[0]][:cfg.rm_norm_samples]
         seqs = [e[k] for e in self.examples for k in ("chosen_ids", "rejected_ids")]
         return seqs[:cfg.rm_norm_samples]
 
@@ -208,6 +114,5 @@ class RewardTrainer(Algorithm):
                 raw.append(module(batch["input_ids"].to(self.ctx.device), batch["attention_mask"].to(self.ctx.device)))
         raw = torch.cat(raw).float()
         module.normalise(raw.mean().item(), raw.std().clamp(min=1e-6).item())
-        if self.ctx.master:
-            print(f"rm: rewards normalised on {len(raw)} reference samples (raw mean {raw.mean():.4f}, "
-                  f"std {raw.std():.4f})")
+        self.log(f"rm: rewards normalised on {len(raw)} reference samples (raw mean {raw.mean():.4f}, "
+                 f"std {raw.std():.4f})")

@@ -7,7 +7,6 @@ pretraining (how the toy world's base model is made).
 Departure / choice: the loss is the token mean over each micro-batch (TRL's default), not over the whole
 accumulated batch, so long and short micro-batches weigh the same.
 """
-from nanoalign.data import load_examples
 from nanoalign.logps import batch_logps
 from nanoalign.trainer import Algorithm
 
@@ -24,9 +23,7 @@ class SFT(Algorithm):
 
     def __init__(self, cfg, policy, tokenizer, ctx):
         super().__init__(cfg, policy, tokenizer, ctx)
-        log = print if ctx.master else (lambda *a, **k: None)
-        self.examples = load_examples(cfg.data, "sft", tokenizer, cfg.max_len, log=log)
-        self.eval_examples = load_examples(cfg.eval_data, "sft", tokenizer, cfg.max_len, log=log) if cfg.eval_data else []
+        self.examples, self.eval_examples = self.load_data("sft")
 
     def loss(self, model, batch):
         logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])

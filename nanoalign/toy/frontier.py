@@ -27,8 +27,15 @@ import json
 from pathlib import Path
 
 from nanoalign.algos import get_algorithm, variant_defaults
+from nanoalign.algos.raft import best_of_n_sampler
+from nanoalign.algos.rl_math import best_of_n_kl
 from nanoalign.checkpoint import checkpoint_path, load_checkpoint
 from nanoalign.config import config_to_dict, load_config
+from nanoalign.data import read_jsonl
+from nanoalign.loading import model_from_checkpoint
+from nanoalign.toy import gold_scorer
+from nanoalign.toy.evaluate import evaluate, model_sampler
+from nanoalign.toy.pipeline import default_recipe, toy_dir
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where train.py lives
 
@@ -127,13 +134,6 @@ def best_of_n_points(ns: list[int], seed: int = 0) -> list[dict]:
     """Best-of-n sampling from the SFT model, the best of n by the gold reward (no training; algos/raft.py): one
     point per n on the same held-out prompts and seed as every run's eval.json. Its KL is not sampled but the closed
     form log n - (n - 1)/n, exact for untied rewards and an upper bound here (gold rewards of short reviews tie)."""
-    from nanoalign.algos.raft import best_of_n_sampler
-    from nanoalign.algos.rl_math import best_of_n_kl
-    from nanoalign.checkpoint import load_checkpoint, model_from_checkpoint
-    from nanoalign.data import read_jsonl
-    from nanoalign.scorers import gold_scorer
-    from nanoalign.toy.evaluate import evaluate, model_sampler
-    from nanoalign.toy.pipeline import default_recipe, toy_dir
     budget = default_recipe().max_new_tokens
     reference, tokenizer = model_from_checkpoint(load_checkpoint(toy_dir() / "sft"))
     prompts = [row["prompt"] for row in read_jsonl(toy_dir() / "corpus" / "eval_prompts.jsonl", "prompt")]

@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 from nanoalign.algos import get_algorithm
 from nanoalign.algos.sft import SFT
-from nanoalign.checkpoint import load_checkpoint, model_from_checkpoint
+from nanoalign.checkpoint import load_checkpoint
+from nanoalign.loading import model_from_checkpoint
 from nanoalign.config import load_config
 from nanoalign.data import read_jsonl
 from nanoalign.toy.evaluate import completion_text, evaluate, format_table, model_sampler, sample_completions
