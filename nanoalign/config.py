@@ -53,6 +53,7 @@ class TrainConfig:
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 -> off
+    max_nonfinite_steps: int = 3  # stop after this many steps in a row with a non-finite loss or grad norm
     # system
     device: str = "auto"  # "auto" -> cuda if available else cpu; or "cpu", "cuda", "cuda:1", "mps"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; "auto" -> bfloat16 where supported

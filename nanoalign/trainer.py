@@ -190,6 +190,49 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def add_metrics(sums, metrics):
+    """sums[k] += v for every metric of one micro-batch (tensors detached, kept on their device)."""
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+
+
+def train_step(model, module, algo, optimizer, batches, grad_clip, on_micro_batch=None):
+    """One optimizer step as every run takes it: ctx.grad_accum micro-batches (forward under the run's autocast,
+    backward of loss / grad_accum; under DDP the gradients are all-reduced on the last one only), the global gradient
+    norm (clipped to grad_clip when > 0), then AdamW -- unless the loss or the norm is non-finite on any rank: then the
+    gradients are dropped and the weights stay as they were, on every rank alike.
+    Returns (metric sums over the micro-batches, {"data": s, "update": s}, stepped). `on_micro_batch(batch, metrics)`
+    is called after each backward (the benchmark counts tokens there)."""
+    ctx, sums, times = algo.ctx, {}, {"data": 0.0, "update": 0.0}
+    for micro in range(ctx.grad_accum):
+        t0 = time.perf_counter()
+        batch = to_device(next(batches), ctx.device)  # online algorithms roll out here
+        t1 = time.perf_counter()
+        if ctx.world_size > 1:  # all-reduce gradients only on the last micro-step (set before its forward)
+            model.require_backward_grad_sync = micro == ctx.grad_accum - 1
+        with ctx.autocast():
+            loss, metrics = algo.loss(model, batch)
+        (loss / ctx.grad_accum).backward()
+        times["data"] += t1 - t0
+        times["update"] += time.perf_counter() - t1
+        add_metrics(sums, {"loss": loss, **metrics})
+        if on_micro_batch is not None:
+            on_micro_batch(batch, metrics)
+    t2 = time.perf_counter()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))  # inf: no clip
+    bad = (~torch.isfinite(sums["loss"]) | ~torch.isfinite(norm)).float()
+    if ctx.world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips, or none does
+    stepped = not bool(bad)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums["grad_norm"] = ctx.grad_accum * float(norm)  # averaged per micro-step when logged
+    times["update"] += time.perf_counter() - t2
+    return sums, times, stepped
+
+
 def train(cfg, algorithm_cls, stop_after=None):
     """Run `algorithm_cls` with config `cfg` to cfg.max_steps; returns the out dir (ckpt.pt, metrics.jsonl).
     `stop_after` ends the run early as if it had been interrupted there (the resume test uses it)."""
@@ -234,8 +277,13 @@ def train(cfg, algorithm_cls, stop_after=None):
     log_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w") if rank == 0 else None  # a rerun starts afresh
 
     def save(step):
+        weights = trainable_state(module, cfg)
+        nonfinite = [k for k, v in weights["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if nonfinite:  # every rank holds the same weights, so every rank stops here
+            raise RuntimeError(f"step {step}: weights {nonfinite[:3]} are not finite; {out_dir / 'ckpt.pt'} is left "
+                               "as it was")
         if rank == 0:
-            save_checkpoint(out_dir / "ckpt.pt", **trainable_state(module, cfg), optimizer=optimizer.state_dict(),
+            save_checkpoint(out_dir / "ckpt.pt", **weights, optimizer=optimizer.state_dict(),
                             step=step, rng=rng_state(), config=config_to_dict(cfg), algo=algo.name,
                             model_config=asdict(algo.policy.cfg), tokenizer=tokenizer.spec, kind=algo.checkpoint_kind,
                             **algo.state_dict())
@@ -244,6 +292,7 @@ def train(cfg, algorithm_cls, stop_after=None):
 
     batches = algo.batches(start_step)
     sums, n_micro, times = {}, 0, {"data": 0.0, "update": 0.0}
+    skipped, skipped_in_a_row = 0, 0  # optimizer steps dropped for a non-finite loss or gradient norm
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, disable=rank != 0,
                dynamic_ncols=True, desc=algo.name)
     module.train()
@@ -251,33 +300,27 @@ def train(cfg, algorithm_cls, stop_after=None):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(grad_accum):
-            t0 = time.perf_counter()
-            batch = to_device(next(batches), device)  # online algorithms roll out here
-            t1 = time.perf_counter()
-            if world_size > 1:  # all-reduce gradients only on the last micro-step (set before its forward)
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            with autocast():
-                loss, metrics = algo.loss(model, batch)
-            (loss / grad_accum).backward()
-            times["data"] += t1 - t0
-            times["update"] += time.perf_counter() - t1
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
-            n_micro += 1
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], cfg.grad_clip)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_accum * float(norm)  # averaged per micro-step below
-        t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times["update"] += time.perf_counter() - t2
+        step_sums, step_times, stepped = train_step(model, module, algo, optimizer, batches, cfg.grad_clip)
+        add_metrics(sums, step_sums)
+        times = {k: times[k] + step_times[k] for k in times}
+        n_micro += grad_accum
+        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
+        skipped += not stepped
+        if skipped_in_a_row:
+            if rank == 0:
+                print(f"step {step + 1}: non-finite loss or gradient norm (loss {float(step_sums['loss']):.4g}, "
+                      f"grad norm {step_sums['grad_norm'] / grad_accum:.4g}); the update was skipped")
+            if skipped_in_a_row >= cfg.max_nonfinite_steps:
+                raise RuntimeError(f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                                   f"norm (the last at step {step + 1}): the run diverged; lower --lr or check the "
+                                   f"data. {out_dir / 'ckpt.pt'} holds the last good checkpoint, if any")
 
         last = step + 1 == cfg.max_steps
         log_now = (step + 1) % cfg.log_interval == 0 or last
         eval_now = bool(cfg.eval_interval) and ((step + 1) % cfg.eval_interval == 0 or last)
         if log_now or eval_now:  # an eval step is logged even between log steps (its row holds the train metrics too)
-            record = {"step": step + 1, "lr": lr, **reduce_metrics(sums, n_micro, world_size, device)}
+            record = {"step": step + 1, "lr": lr, **reduce_metrics(sums, n_micro, world_size, device),
+                      "skipped_steps": skipped}
             record.update({f"time/{k}_s": v / n_micro * grad_accum for k, v in times.items()})  # per optimizer step
             if eval_now:
                 module.eval()

@@ -103,3 +103,63 @@ def test_cli_smoke_train_and_sample(sft_file, tmp_path):
 def test_data_without_init_from_is_an_error(sft_file, tmp_path):
     with pytest.raises(SystemExit, match="init_from"):
         train_main([f"--data={sft_file}", "--algo=sft", f"--out_dir={tmp_path}"])
+
+
+def records(out_dir):
+    return [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+
+
+def test_eval_runs_on_its_own_schedule_not_only_at_log_steps(sft_file, tmp_path):
+    """eval_interval=3, log_interval=4, max_steps=10: eval at steps 3, 6, 9 and 10, logs at 4, 8 and 10."""
+    out = train(config(*tiny_args(sft_file, tmp_path, eval_data=sft_file, eval_interval=3, log_interval=4,
+                                  max_steps=10, eval_batches=1)), SFT)
+    rows = records(out)
+    assert [r["step"] for r in rows] == [3, 4, 6, 8, 9, 10]
+    assert [r["step"] for r in rows if "eval/nll_loss" in r] == [3, 6, 9, 10]
+
+
+class NaNAt(SFT):
+    """SFT whose loss is NaN from optimizer step `first` (counted in micro-batches) on, for `count` steps."""
+    first, count = 2, 10 ** 9
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = 0
+
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
+        step = self.calls // self.ctx.grad_accum
+        self.calls += 1
+        return (loss * float("nan") if self.first <= step < self.first + self.count else loss), metrics
+
+
+def test_a_non_finite_step_is_skipped_and_counted_and_the_weights_stay_finite(sft_file, tmp_path):
+    class TwoNaNSteps(NaNAt):
+        count = 2
+    out = train(config(*tiny_args(sft_file, tmp_path, max_steps=6, dropout=0.0)), TwoNaNSteps)
+    rows = records(out)
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2, 2, 2]
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(out)["model"].values())
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(sft_file, tmp_path):
+    """NaN from step 3 on: steps 3-5 are skipped, the run stops at step 5; the checkpoints written every step hold the
+    weights of step 2, the last update."""
+    with pytest.raises(RuntimeError, match="3 optimizer steps in a row had a non-finite loss"):
+        train(config(*tiny_args(sft_file, tmp_path, max_steps=8, dropout=0.0, ckpt_interval=1)), NaNAt)
+    saved = load_checkpoint(tmp_path)
+    reference = train(config(*tiny_args(sft_file, tmp_path / "two", max_steps=2, dropout=0.0, min_lr_ratio=1.0,
+                                        warmup_steps=2)), SFT)
+    assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    assert all(torch.equal(saved["model"][k], v) for k, v in load_checkpoint(reference)["model"].items())
+
+
+def test_non_finite_weights_are_never_saved(sft_file, tmp_path):
+    class Poison(SFT):
+        def finish(self, model):
+            with torch.no_grad():
+                next(self.module.parameters()).fill_(float("inf"))
+    train(config(*tiny_args(sft_file, tmp_path, max_steps=2, dropout=0.0)), SFT)
+    with pytest.raises(RuntimeError, match="not finite"):
+        train(config(*tiny_args(sft_file, tmp_path, max_steps=2, dropout=0.0)), Poison)
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path)["model"].values())
