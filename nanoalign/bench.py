@@ -222,7 +222,7 @@ def lora_args(spec):
 def make_algorithm(spec, device, model, autocast, workdir, workload, data=None):
     """The registered algorithm on synthetic data (or `data`), configured as train.py would configure it; with
     LoRA, adapters go on the policy before the algorithm is built and on its module after, as trainer.train does."""
-    from nanoalign.algos import get_algorithm, variant_defaults
+    from nanoalign.algos import algo_config, get_algorithm
     from nanoalign.config import load_config
     from nanoalign.loading import apply_lora
     from nanoalign.trainer import Context
@@ -239,10 +239,10 @@ def make_algorithm(spec, device, model, autocast, workdir, workload, data=None):
             f"--out_dir={workdir}", f"--dtype={DTYPES[spec['dtype']]}", "--dropout=0.0", *lora_args(spec)]
     keys = {f.name for f in dataclasses.fields(algo_cls.Config)} if algo_cls.Config else set()
     online = {"ref_logps": spec["ref_logps"], "reward_model": "gold", "rollout_batch_size": rollout["batch"],
-              "max_new_tokens": rollout["new"], "rollout_micro_batch": rollout["batch"],
+              "max_new_tokens": rollout["new"],
               "generation_batch_size": rollout["batch"]}
     args += [f"--{k}={v}" for k, v in online.items() if k in keys]
-    cfg = load_config(args, lambda name: get_algorithm(name).Config, overrides=variant_defaults(spec["algo"]))
+    cfg = load_config(args, algo_config)
     ctx = Context(device, 0, 1, workload["micro"], workload["batch"] // workload["micro"], autocast)
     if cfg.lora_rank:  # random weights stand in for a pretrained base (apply_lora refuses "scratch" in real runs)
         pretrained = dataclasses.replace(cfg, init_from="random weights (benchmark)")

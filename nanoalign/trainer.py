@@ -51,6 +51,13 @@ class Algorithm:
     data_format = "sft"
     key_metrics = ()
     checkpoint_kind = "policy"
+    steps_per_rollout = 1  # optimizer steps that share one rollout (online algorithms); checkpoints fall between
+    starts_from = "sft"  # the pipeline stage a preference algorithm starts from: "sft", or "base" (ORPO: no SFT stage)
+
+    @classmethod
+    def format_prompt(cls, cfg, prompt):
+        """The text a trained policy is sampled from for `prompt` (CoH appends its feedback phrase)."""
+        return prompt
 
     def __init__(self, cfg, policy, tokenizer, ctx):
         self.cfg, self.policy, self.tokenizer, self.ctx = cfg, policy, tokenizer, ctx
@@ -114,15 +121,19 @@ class Algorithm:
         """Called once on every rank after the last step, before the final checkpoint."""
 
 
+def resolve_device(device):
+    """"auto" -> "cuda" when a GPU is there, else "cpu"; any other name as it is."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def setup_distributed(cfg):
     """DDP is on when torchrun set RANK; gloo on CPU, nccl on CUDA. Safe to call more than once."""
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = resolve_device(cfg.device)
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(cfg.device)
+        return 0, 1, torch.device(name)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
-    device = torch.device(cfg.device)
+        dist.init_process_group(backend="nccl" if name.startswith("cuda") else "gloo")
+    device = torch.device(name)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -260,6 +271,10 @@ def train(cfg, algorithm_cls, stop_after=None):
         algo.load_state_dict(ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
+        if start_step % algo.steps_per_rollout and start_step < cfg.max_steps:
+            raise ValueError(f"{resume_from} was saved at step {start_step}, inside a rollout of "
+                             f"{algo.steps_per_rollout} steps: its samples came from weights that are gone, so the run "
+                             "cannot continue exactly from there (periodic checkpoints fall on rollout boundaries)")
         set_rng_state(ckpt["rng"])
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}")
@@ -293,6 +308,7 @@ def train(cfg, algorithm_cls, stop_after=None):
     batches = algo.batches(start_step)
     sums, n_micro, times = {}, 0, {"data": 0.0, "update": 0.0}
     skipped, skipped_in_a_row = 0, 0  # optimizer steps dropped for a non-finite loss or gradient norm
+    save_due = False  # a periodic checkpoint waits for the end of the current rollout
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, disable=rank != 0,
                dynamic_ncols=True, desc=algo.name)
     module.train()
@@ -333,8 +349,10 @@ def train(cfg, algorithm_cls, stop_after=None):
                 shown = ["loss", *algo.key_metrics]
                 bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3g}" for k in shown if k in record})
             sums, n_micro, times = {}, 0, {"data": 0.0, "update": 0.0}
-        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and not last:
+        save_due = save_due or bool(cfg.ckpt_interval) and (step + 1) % cfg.ckpt_interval == 0
+        if save_due and (step + 1) % algo.steps_per_rollout == 0 and not last:  # resume is exact at a boundary
             save(step + 1)
+            save_due = False
         if stop_after is not None and step + 1 == stop_after:
             save(step + 1)
             bar.close()

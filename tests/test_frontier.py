@@ -31,7 +31,7 @@ def fake_training(tmp_path, monkeypatch):
         save_checkpoint(tmp_path / config["out_dir"] / "ckpt.pt", config=config)
         (tmp_path / config["out_dir"] / "eval.json").write_text(json.dumps({**EVAL, "kl": 0.1 * len(calls)}))
 
-    monkeypatch.setattr(frontier, "train_main", lambda: main)
+    monkeypatch.setattr(frontier, "run_training", main)
     monkeypatch.chdir(tmp_path)
     return calls, data, init
 

@@ -36,7 +36,8 @@ from nanoalign.scorers import RewardModelScorer
 from nanoalign.tokenizer import get_tokenizer
 from nanoalign.loading import build_policy
 from nanoalign.trainer import Context, make_optimizer, train
-from train import algo_config, main as train_main
+from nanoalign.algos import algo_config
+from train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,7 +345,7 @@ def test_rm_with_lora_trains_adapters_and_head_and_its_checkpoint_loads_as_the_s
 
 def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(run_files, tmp_path):
     cfg = load_config(run_args(run_files, tmp_path, algo="ppo", reward_model="gold", rollout_batch_size=8,
-                               ppo_epochs=1, max_new_tokens=6), algo_config)
+                               epochs=1, max_new_tokens=6), algo_config)
     policy, tokenizer = build_policy(cfg, torch.device("cpu"))  # with adapters
     ppo = PPO(cfg, policy, tokenizer, Context(torch.device("cpu"), 0, 1, 4, 2, contextlib.nullcontext))
     apply_lora(ppo.module, cfg)  # what the trainer does: the critic (a copy of the policy's trunk) gets adapters
@@ -359,7 +360,7 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(run_files, tmp_
     ref = ppo.reference.response_logps(batch)
     assert torch.allclose(ref, response_logps(frozen_base, batch), atol=1e-6)
     assert not torch.allclose(ref, response_logps(policy.eval(), batch), atol=1e-3)
-    assert batch["objective/kl"].item() > 1e-3  # the rollout's KL penalty used the same reference
+    assert ppo.rollout_metrics["objective/kl"].item() > 1e-3  # the rollout's KL penalty used the same reference
 
 
 def test_cli_ppo_two_steps_with_lora_on_policy_and_critic_from_a_lora_reward_model(
@@ -368,7 +369,7 @@ def test_cli_ppo_two_steps_with_lora_on_policy_and_critic_from_a_lora_reward_mod
     The CLI's main in process (test_cli_dpo_two_steps_with_lora covers the subprocess; this saves its start-up)."""
     rm_dir, _ = lora_reward_model
     out = train_main(run_args(run_files, tmp_path / "ppo", algo="ppo", reward_model=f"ckpt:{rm_dir}",
-                              rollout_batch_size=8, ppo_epochs=1, max_new_tokens=6))
+                              rollout_batch_size=8, epochs=1, max_new_tokens=6))
     assert "1,057 trainable parameters" in capsys.readouterr().out  # 2 x 512 adapters (policy, critic) + head 33
     ckpt = load_checkpoint(out)
     assert ckpt["step"] == 2 and len(ckpt["optimizer"]["state"]) == 10  # 8 adapter matrices + the value head

@@ -22,7 +22,8 @@ from nanoalign.tokenizer import get_tokenizer
 from nanoalign.toy.evaluate import evaluate
 from nanoalign.loading import build_policy
 from nanoalign.trainer import Context
-from train import algo_config, main as train_main
+from nanoalign.algos import algo_config
+from train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the a film plot was good bad very not really great dull and but acting music".split()

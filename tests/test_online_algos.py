@@ -95,7 +95,8 @@ from nanoalign.config import load_config
 from nanoalign.rollout import Rollout
 from nanoalign.loading import build_policy
 from nanoalign.trainer import Context
-from train import algo_config, main as train_main
+from nanoalign.algos import algo_config
+from train import main as train_main
 
 CPU = torch.device("cpu")
 WORDS = "the plot was good bad very not really great dull and but acting music".split()
@@ -166,7 +167,7 @@ def next_rollout(algo):
     """One real rollout of the algorithm's first prompts (the rollout module, tiny scratch policy)."""
     from nanoalign.rollout import generate_rollout
     prompts = [e["prompt_ids"] for e in algo.prompts[:algo.prompts_per_rollout]]
-    return generate_rollout(algo.policy, algo.tokenizer, prompts, algo.samples_per_prompt, 8, algo.scorer,
+    return generate_rollout(algo.policy, algo.tokenizer, prompts, algo.cfg.samples_per_prompt, 8, algo.scorer,
                             reference=algo.reference, generator=torch.Generator().manual_seed(0),
                             recompute_logprobs=True)
 

@@ -27,7 +27,8 @@ from nanoalign.toy import gold_scorer
 from nanoalign.tokenizer import get_tokenizer
 from nanoalign.loading import build_policy
 from nanoalign.trainer import Context
-from train import algo_config, main as train_main
+from nanoalign.algos import algo_config
+from train import main as train_main
 
 TOK = get_tokenizer("toy")
 CPU = torch.device("cpu")
@@ -99,7 +100,7 @@ def test_kl_penalty_on_every_valid_token_and_whitened_advantages_ignore_padding(
 
 def build_ppo(data, tmp_path, **kw):
     args = tiny_args(algo="ppo", data=data / "prompts.jsonl", out_dir=tmp_path, reward_model="gold",
-                     rollout_batch_size=8, max_new_tokens=8, ppo_epochs=2, **kw)
+                     rollout_batch_size=8, max_new_tokens=8, epochs=2, **kw)
     cfg = load_config(args, algo_config)
     torch.manual_seed(cfg.seed)
     policy, tokenizer = build_policy(cfg, CPU)
@@ -150,16 +151,17 @@ def test_ppo_loss_never_reads_padding(data, tmp_path, critic):
 
 def test_ppo_rollout_rows_and_first_ratio_is_one(data, tmp_path):
     """A rollout gives rollout_batch_size rows; before any update the policy's log-probs in loss() equal the rollout's
-    (ratio 1, nothing clipped); minibatches cover the rollout ppo_epochs times."""
+    (ratio 1, nothing clipped); minibatches cover the rollout `epochs` times."""
     algo = build_ppo(data, tmp_path)
     stream = algo.batches(0)
     first = next(stream)
-    assert first["input_ids"].shape[0] == 2 and first["objective/scores"].dim() == 0
+    assert first["input_ids"].shape[0] == 2 and algo.rollout_metrics["objective/scores"].dim() == 0
     _, metrics = algo.loss(algo.module, first)
     assert abs(metrics["val/ratio"].item() - 1) < 1e-5 and metrics["policy/clipfrac_avg"].item() == 0
     assert metrics["policy/approxkl_avg"].item() < 1e-10
+    first_rollout = algo.rollout_metrics
     rest = [next(stream) for _ in range(8 // 2 * 2 - 1)]  # rollout of 8 rows, micro-batch 2, 2 epochs
-    assert all(b["objective/scores"] == first["objective/scores"] for b in rest)  # same rollout
+    assert algo.rollout_metrics is first_rollout  # still the same rollout
     seen = torch.cat([b["input_ids"] for b in [first] + rest])
     assert seen.shape[0] == 16 and len({tuple(r.tolist()) for r in seen}) <= 8
     assert algo.steps_per_rollout == 8 // 4 * 2
@@ -256,11 +258,11 @@ def test_rm_and_ppo_two_step_runs(data, tmp_path):
 
     names = {"objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
              "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
-             "val/clipfrac_avg", "val/num_eos_tokens", "time/data_s", "time/update_s", "time/rollout_s"}
+             "val/clipfrac_avg", "val/num_eos_tokens", "time/data_s", "time/update_s"}
     for name, extra in (("proxy", dict(reward_model=f"ckpt:{rm_dir}", monitor_reward="gold")),
                         ("gold", dict(reward_model="gold", critic="head", kl_estimator="k3", adaptive_kl=True))):
         out = train_main(tiny_args(algo="ppo", data=data / "prompts.jsonl", out_dir=tmp_path / name,
-                                   rollout_batch_size=4, ppo_epochs=1, max_new_tokens=6, **extra))
+                                   rollout_batch_size=4, epochs=1, max_new_tokens=6, **extra))
         log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(log) == 2 and names <= set(log[-1]) and all(math.isfinite(v) for v in log[-1].values())
         policy, _ = load_model(f"ckpt:{out}")                  # the policy's weights, found by policy_prefix
@@ -322,7 +324,7 @@ def test_reward_model_on_heldout_toy_pairs(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOALIGN_TOY_DIR", str(tmp_path / "toy"))
     monkeypatch.setenv("NANOALIGN_TOY_RECIPE", "default")
     cfg = load_config(["--algo=ppo", "--dtype=float32"], algo_config)
-    prepare(cfg, PPO)
+    cfg, _ = prepare(cfg, PPO)
     assert cfg.reward_model == f"ckpt:{toy_dir() / 'rm'}" and cfg.monitor_reward == "gold"
     rm, tok = load_reward_model(cfg.reward_model)
     sft, _ = model_from_checkpoint(load_checkpoint(toy_dir() / "sft"))

@@ -293,7 +293,7 @@ def dpo_algorithm(data, tmp_path):
     from nanoalign.config import load_config
     from nanoalign.loading import build_policy
     from nanoalign.trainer import Context
-    from train import algo_config
+    from nanoalign.algos import algo_config
     cfg = load_config(dpo_args(data, tmp_path), algo_config)
     policy, tokenizer = build_policy(cfg, torch.device("cpu"))
     ctx = Context(torch.device("cpu"), 0, 1, cfg.micro_batch_size, cfg.batch_size // cfg.micro_batch_size,
@@ -335,7 +335,7 @@ def test_ddp_two_processes_match_one_with_bucketing(tmp_path):
     from nanoalign.algos.dpo import DPO
     from nanoalign.config import load_config
     from nanoalign.trainer import train
-    from train import algo_config
+    from nanoalign.algos import algo_config
     data = preference_file(tmp_path / "prefs.jsonl")
     one = train(load_config(dpo_args(data, tmp_path / "one", max_steps=3), algo_config), DPO)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoalign.algos import ALGORITHMS, get_algorithm
+from nanoalign.algos import ALGORITHMS, algo_config, get_algorithm
 from nanoalign.loading import load_reward_model
 from nanoalign.algos.sft import SFT
 from nanoalign.checkpoint import load_checkpoint
@@ -33,7 +33,7 @@ STAGES = ("corpus", "base", "sft", "annotations")
 
 
 def config(*args):
-    return load_config(list(args), lambda name: get_algorithm(name).Config)
+    return load_config(list(args), algo_config)
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +43,12 @@ def toy(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOALIGN_TOY_DIR", str(root))
         mp.setenv("NANOALIGN_TOY_RECIPE", "tiny")
-        timings = prepare(config("--algo=sft", "--dtype=float32"), SFT, TINY)
+        _, timings = prepare(config("--algo=sft", "--dtype=float32"), SFT, TINY)
         yield root, timings
 
 
 def fake_algorithm(data_format, **attributes):
-    return type("Fake", (), {"data_format": data_format, **attributes})
+    return type("Fake", (SFT,), {"data_format": data_format, **attributes})
 
 
 def test_first_prepare_builds_every_stage_and_the_files(toy):
@@ -74,7 +74,7 @@ def test_first_prepare_builds_every_stage_and_the_files(toy):
 def test_second_prepare_trains_nothing(toy):
     root, _ = toy
     before = {name: (root / name / "ckpt.pt").stat().st_mtime_ns for name in ("base", "sft")}
-    assert prepare(config("--algo=sft", "--dtype=float32"), SFT, TINY) == dict.fromkeys(STAGES)
+    assert prepare(config("--algo=sft", "--dtype=float32"), SFT, TINY)[1] == dict.fromkeys(STAGES)
     assert {name: (root / name / "ckpt.pt").stat().st_mtime_ns for name in ("base", "sft")} == before
 
 
@@ -83,10 +83,10 @@ def test_a_changed_recipe_rebuilds_that_stage_and_the_ones_after(toy, tmp_path, 
     copy_dir = tmp_path / "toy"
     shutil.copytree(root, copy_dir)
     monkeypatch.setenv("NANOALIGN_TOY_DIR", str(copy_dir))
-    timings = prepare(config("--algo=sft", "--dtype=float32"), SFT, replace(TINY, pairs_per_prompt=1))
+    _, timings = prepare(config("--algo=sft", "--dtype=float32"), SFT, replace(TINY, pairs_per_prompt=1))
     assert [timings[s] is None for s in STAGES] == [True, True, True, False]
     assert len(read_jsonl(copy_dir / "annotations/prefs.jsonl", "preference")) <= TINY.n_annotate
-    timings = prepare(config("--algo=sft", "--dtype=float32"), SFT, replace(TINY, sft_lr=1e-3))
+    _, timings = prepare(config("--algo=sft", "--dtype=float32"), SFT, replace(TINY, sft_lr=1e-3))
     assert [timings[s] is None for s in STAGES] == [True, True, False, False]
 
 
@@ -96,7 +96,7 @@ def test_a_second_run_waits_for_the_one_building_the_cache(toy):
     results = []
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        waiter = threading.Thread(target=lambda: results.append(prepare(config("--dtype=float32"), SFT, TINY)))
+        waiter = threading.Thread(target=lambda: results.append(prepare(config("--dtype=float32"), SFT, TINY)[1]))
         waiter.start()
         time.sleep(0.5)
         assert waiter.is_alive() and not results  # blocked on the lock
@@ -110,15 +110,14 @@ def test_a_second_run_waits_for_the_one_building_the_cache(toy):
                                                ("sft", "corpus/sft.jsonl"), ("text", "corpus/pretrain.jsonl")])
 def test_prepare_fills_data_by_format_and_init_from(toy, data_format, path):
     root, _ = toy
-    cfg = config("--dtype=float32")
-    prepare(cfg, fake_algorithm(data_format), TINY)
+    given = config("--dtype=float32")
+    cfg, _ = prepare(given, fake_algorithm(data_format), TINY)
     assert cfg.data == str(root / path) and cfg.init_from == f"ckpt:{root / 'sft'}"
+    assert given == config("--dtype=float32")  # the config passed in is left as it was
     read_jsonl(cfg.data, data_format)  # the file is valid in that format
-    cfg = config("--dtype=float32")
-    prepare(cfg, fake_algorithm(data_format, toy_init="base"), TINY)  # ORPO-style: starts from the base model
+    cfg, _ = prepare(config("--dtype=float32"), fake_algorithm(data_format, starts_from="base"), TINY)  # ORPO-style
     assert cfg.init_from == f"ckpt:{root / 'base'}"
-    cfg = config("--dtype=float32", "--init_from=scratch")
-    prepare(cfg, fake_algorithm(data_format), TINY)
+    cfg, _ = prepare(config("--dtype=float32", "--init_from=scratch"), fake_algorithm(data_format), TINY)
     assert cfg.init_from == "scratch"  # what the user set is kept
 
 
@@ -221,8 +220,7 @@ def test_rm_stage_trains_on_the_offline_pairs_plus_the_other_sft_prompts(toy, mo
     root, _ = toy
     monkeypatch.setenv("NANOALIGN_TOY_DIR", str(root))
     offline = (root / "annotations/prefs.jsonl").read_text()
-    cfg = config("--algo=ppo", "--dtype=float32")
-    timings = prepare(cfg, get_algorithm("ppo"), TINY)
+    cfg, timings = prepare(config("--algo=ppo", "--dtype=float32"), get_algorithm("ppo"), TINY)
     assert timings["rm"] is not None and cfg.reward_model == f"ckpt:{root / 'rm'}"
     assert (root / "annotations/prefs.jsonl").read_text() == offline
     offline_rows = read_jsonl(root / "annotations/prefs.jsonl", "preference")
@@ -236,7 +234,7 @@ def test_rm_stage_trains_on_the_offline_pairs_plus_the_other_sft_prompts(toy, mo
     assert stamp["pairs"] == len(rm_rows) and stamp["extra_pairs"] == len(extra)
     rm, _ = load_reward_model(cfg.reward_model)
     assert rm.readout == TINY.rm_readout
-    assert prepare(config("--algo=ppo", "--dtype=float32"), get_algorithm("ppo"), TINY)["rm"] is None  # cached
+    assert prepare(config("--algo=ppo", "--dtype=float32"), get_algorithm("ppo"), TINY)[1]["rm"] is None  # cached
 
 
 def test_pipeline_cli_evaluates_a_run_trained_with_explicit_data(toy, tmp_path, monkeypatch):

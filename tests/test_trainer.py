@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nanoalign.checkpoint import load_checkpoint
-from train import algo_config, main as train_main
+from nanoalign.algos import algo_config
+from train import main as train_main
 from nanoalign.algos.sft import SFT
 from nanoalign.config import load_config
 from nanoalign.trainer import lr_at, train

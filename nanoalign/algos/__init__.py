@@ -1,9 +1,13 @@
 """The algorithm registry: `--algo=<name>` -> the Algorithm class in nanoalign/algos/<module>.py.
 
 A variant is an existing algorithm with other defaults (e.g. ipo = DPO with loss_type="ipo"); the command line
-still overrides them. Adding algos/mine.py means adding one line here.
+still overrides them: `algo_config(name)` is the algorithm's Config dataclass with the variant's defaults, what
+config.load_config takes as `algo_configs`. Adding algos/mine.py means adding one line here.
 """
+import dataclasses
+import functools
 import importlib
+import typing
 
 ALGORITHMS = {
     # name: ("module:Class", defaults of this variant)
@@ -38,5 +42,13 @@ def get_algorithm(name):
     return getattr(importlib.import_module(f"nanoalign.algos.{module}"), cls)
 
 
-def variant_defaults(name):
-    return dict(ALGORITHMS[name][1]) if name in ALGORITHMS else {}
+@functools.cache  # one class per name, so configs built twice compare equal
+def algo_config(name):
+    """The Config dataclass of `--algo=name` (None if it has no keys of its own), defaults as the variant sets them."""
+    config = get_algorithm(name).Config
+    defaults = ALGORITHMS[name][1]
+    if not defaults:
+        return config
+    hints = typing.get_type_hints(config)
+    fields = [(key, hints[key], dataclasses.field(default=value)) for key, value in defaults.items()]
+    return dataclasses.make_dataclass(f"{config.__name__}_{name}", fields, bases=(config,))

@@ -149,13 +149,27 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
 
 
 @dataclass
-class DPOConfig:
+class PreferenceLossConfig:
+    """The keys of preference_loss, shared by offline DPO and online DPO."""
     beta: float = 0.1  # inverse KL strength (DPO beta; IPO tau; SimPO beta)
     loss_type: Literal[LOSS_TYPES] = "sigmoid"  # see the module docstring
     label_smoothing: float = 0.0  # cDPO / robust DPO: assumed label-flip rate eps
     rdpo_alpha: float = 0.0  # R-DPO length weight alpha
     dpop_lambda: float = 1.0  # DPO-Positive penalty lambda (the paper: 50; see the module docstring)
     simpo_gamma: float = 0.5  # SimPO target margin gamma
+
+
+def preference_loss_kwargs(cfg):
+    """preference_loss's keyword arguments from a run config, checked now (a bad combination fails before training)."""
+    kwargs = {f: getattr(cfg, f) for f in ("loss_type", "beta", "label_smoothing", "rdpo_alpha", "dpop_lambda",
+                                            "simpo_gamma")}
+    one = torch.ones(1)
+    preference_loss(one, one, one, one, chosen_counts=one, rejected_counts=one, **kwargs)
+    return kwargs
+
+
+@dataclass
+class DPOConfig(PreferenceLossConfig):
     rpo_alpha: float = 0.0  # weight of the NLL of the chosen answer (RPO; CPO's L_NLL with 1.0)
     ref_logps: Literal["precompute", "live"] = "precompute"  # reference log-probs once before training, or a live model
 
@@ -169,10 +183,7 @@ class DPO(Algorithm):
     def __init__(self, cfg, policy, tokenizer, ctx):
         super().__init__(cfg, policy, tokenizer, ctx)
         self.name = cfg.algo  # the variant's registry name (ipo, simpo, ...) on the progress bar and in checkpoints
-        self.loss_kwargs = dict(loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                                rdpo_alpha=cfg.rdpo_alpha, dpop_lambda=cfg.dpop_lambda, simpo_gamma=cfg.simpo_gamma)
-        one = torch.ones(1)
-        preference_loss(one, one, one, one, chosen_counts=one, rejected_counts=one, **self.loss_kwargs)  # bad keys fail now
+        self.loss_kwargs = preference_loss_kwargs(cfg)
         self.examples, self.eval_examples = self.load_data("preference")
         self.reference = None
         if cfg.loss_type not in REFERENCE_FREE:

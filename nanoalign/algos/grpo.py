@@ -52,7 +52,7 @@ class GRPO(OnlineAlgorithm):
     key_metrics = ("objective/scores", "objective/kl")
 
     def __init__(self, cfg, policy, tokenizer, ctx):
-        self.samples_per_prompt = self.rows_per_prompt = cfg.samples_per_prompt
+        self.rows_per_prompt = cfg.samples_per_prompt  # every sample is a training row
         super().__init__(cfg, policy, tokenizer, ctx)
 
     def make_rows(self, rollout):

@@ -22,24 +22,17 @@ This implementation differs from the paper in:
 KL knob: beta. Metric names follow TRL's OnlineDPOTrainer (rewards/*, logps/*, objective/scores).
 """
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from nanoalign.algos.dpo import LOSS_TYPES, REFERENCE_FREE, preference_loss
+from nanoalign.algos.dpo import REFERENCE_FREE, PreferenceLossConfig, preference_loss, preference_loss_kwargs
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig, sequence_logps
 from nanoalign.loading import load_model
 from nanoalign.judge import DEFAULT_TEMPLATE, LLMJudge, ScoreAnnotator, score_preference
 
 
 @dataclass
-class OnlineDPOConfig(OnlineConfig):
-    beta: float = 0.1  # inverse KL strength of the DPO-family loss
-    loss_type: Literal[LOSS_TYPES] = "sigmoid"  # any loss of algos/dpo.py preference_loss
-    label_smoothing: float = 0.0  # cDPO / robust: assumed label-flip rate
-    rdpo_alpha: float = 0.0  # R-DPO length weight
-    dpop_lambda: float = 50.0  # DPO-Positive penalty
-    simpo_gamma: float = 0.5  # SimPO target margin
+class OnlineDPOConfig(OnlineConfig, PreferenceLossConfig):  # the preference-loss keys are offline DPO's
     judge: str = ""  # "" -> the scorer of reward_model decides; else an LLM judge: "ckpt:<dir>" | "hf:<dir>"
     judge_instruction: str = "Which review is more positive?"  # what the judge is asked to prefer
     judge_template: str = DEFAULT_TEMPLATE  # {instruction} {prompt} {first} {second}; slots A and B
@@ -66,16 +59,16 @@ class OnlineDPO(OnlineAlgorithm):
     name = "online_dpo"
     Config = OnlineDPOConfig
     key_metrics = ("objective/scores", "rewards/margins")
-    samples_per_prompt = 2  # a pair per prompt
     rows_per_prompt = 1  # one training row = one pair
 
     def __init__(self, cfg, policy, tokenizer, ctx):
+        if cfg.samples_per_prompt != 2:
+            raise ValueError(f"online_dpo samples a pair per prompt: samples_per_prompt must be 2, got "
+                             f"{cfg.samples_per_prompt}")
         self.uses_reference = cfg.loss_type not in REFERENCE_FREE  # simpo / cpo need no pi_ref
+        self.needs_reward = not cfg.judge  # an LLM judge decides instead of a scorer
         super().__init__(cfg, policy, tokenizer, ctx)
-        self.loss_kwargs = dict(loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                                rdpo_alpha=cfg.rdpo_alpha, dpop_lambda=cfg.dpop_lambda, simpo_gamma=cfg.simpo_gamma)
-        one = torch.ones(1)
-        preference_loss(one, one, one, one, chosen_counts=one, rejected_counts=one, **self.loss_kwargs)  # bad keys fail now
+        self.loss_kwargs = preference_loss_kwargs(cfg)
         if cfg.judge:
             judge_model, judge_tokenizer = load_model(cfg.judge, ctx.device)
             labels = tuple(" " + label.strip() for label in cfg.judge_labels.split(","))

@@ -30,7 +30,7 @@ This implementation differs from the paper in:
 The Algorithm adapter (bottom of this file) runs chosen and rejected rows through ONE forward, takes L_SFT as the
 token-mean NLL of the micro-batch's chosen answers (our sft_loss; TRL's too) and passes it to every row, so the
 loss is L_SFT + lam * mean(L_OR). No reference model; on the toy world it starts from the base model
-(toy_init = "base"), as the paper applies ORPO to pretrained models without an SFT stage. Metrics follow TRL's
+(starts_from = "base"), as the paper applies ORPO to pretrained models without an SFT stage. Metrics follow TRL's
 ORPOTrainer: rewards/* = lam * average log-probs (which logps/* report too), and, with TRL's names,
 log_odds_ratio = mean log sigmoid(Delta) (= -L_OR) and log_odds_chosen = mean Delta.
 """
@@ -76,7 +76,7 @@ class ORPO(Algorithm):
     name = "orpo"
     Config = ORPOConfig
     data_format = "preference"
-    toy_init = "base"  # the toy world starts ORPO from the base model: no SFT stage
+    starts_from = "base"  # ORPO trains a pretrained model directly: no SFT stage
     key_metrics = ("rewards/accuracies", "nll_loss")
 
     def __init__(self, cfg, policy, tokenizer, ctx):

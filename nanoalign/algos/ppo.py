@@ -33,7 +33,7 @@ The details, each switchable in Config where one would ablate it (D-numbers are 
      all_reduce): `whiten_advantages`. Rewards are not whitened by default (TRL's default): `whiten_rewards`.
   D7 the clipped surrogate (eps 0.2) and the clipped value loss (eps_v 0.2, in reward units): `cliprange`,
      `cliprange_value`, `vf_coef`.
-  D8 several epochs over each rollout in shuffled minibatches, reshuffled every epoch: `ppo_epochs`.
+  D8 several epochs over each rollout in shuffled minibatches, reshuffled every epoch: `epochs`.
   D9 dropout off everywhere (policy, reference, critic): with dropout the rollout's log-probs and the training
      forward disagree even before any update, so the ratio starts != 1. Forced, not a switch.
   D10 the reward model is fixed and scores are normalised (mean 0 / std 1 on reference samples, algos/rm.py), so
@@ -41,9 +41,9 @@ The details, each switchable in Config where one would ablate it (D-numbers are 
 
 How it plugs into the one loop: `batches()` runs a rollout phase (generate with the unwrapped policy under no_grad,
 score, reference and critic forwards, rewards, GAE, whitening), then yields the rollout's micro-batches for
-`ppo_epochs` epochs; `loss()` runs the policy and the critic through the wrapped module's ONE forward (DDP sees one
+`epochs` epochs; `loss()` runs the policy and the critic through the wrapped module's ONE forward (DDP sees one
 forward per backward). The trainer's "step" is an OPTIMIZER step: each rollout of `rollout_batch_size` sequences
-(all ranks) gives rollout_batch_size / batch_size * ppo_epochs steps, so max_steps counts minibatch updates, not
+(all ranks) gives rollout_batch_size / batch_size * epochs steps, so max_steps counts minibatch updates, not
 rollouts. Rollout time lands in the trainer's time/data_s (it happens inside next(batches)), updates in
 time/update_s; time/rollout_s is the mean duration of one rollout phase.
 
@@ -53,7 +53,6 @@ TRL's sampled estimate sum_t -log pi(y_t) (no entropy bonus); resuming mid-rollo
 of the interrupted one is not replayed; checkpoint at multiples of the rollout's steps to resume exactly).
 """
 import copy
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,15 +60,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig
 from nanoalign.algos.rl_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, masked_mean,
                                      masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss)
-from nanoalign.data import load_examples, micro_batches
 from nanoalign.loading import load_reward_model
 from nanoalign.model import RewardModel
-from nanoalign.reference import Reference
-from nanoalign.rollout import generate_rollout, minibatches, response_logits_to_logps
-from nanoalign.scorers import RewardModelScorer, get_scorer
-from nanoalign.trainer import Algorithm
+from nanoalign.rollout import response_logits_to_logps
+from nanoalign.scorers import RewardModelScorer
 
 
 class ActorCritic(nn.Module):
@@ -125,24 +122,21 @@ def ppo_targets(scores, eos, logprobs, ref_logprobs, values, mask, kl_coef, kl_e
 
 
 @dataclass
-class Config:
-    reward_model: str = ""  # "gold" (toy world only) | "ckpt:<dir>" of --algo=rm; "" -> the toy world's proxy RM
-    monitor_reward: str = ""  # a second reward logged as objective/monitor_scores, not optimised ("gold" on the toy)
-    rollout_batch_size: int = 64  # sequences per rollout over all ranks (prompts x samples_per_prompt)
-    samples_per_prompt: int = 1  # responses per prompt in a rollout
-    ppo_epochs: int = 4  # passes over each rollout (D8)
-    max_new_tokens: int = 40  # response budget; longer responses are cut and have no EOS (D2)
-    temperature: float = 1.0  # sampling temperature, also applied to the training log-probs (D1)
-    top_k: int = 0  # 0 -> off; note that top-k/top-p make the sampled KL estimate biased
-    top_p: float = 1.0  # 1 -> off
+class PPOConfig(OnlineConfig):
+    # the shared online keys (algos/online.py) with PPO's defaults: a rollout of 64 sequences, one per prompt,
+    # 4 epochs over it in minibatches of batch_size (D8), a penalty for a response without EOS (D2)
+    samples_per_prompt: int = 1
+    rollout_batch_size: int = 64
+    epochs: int = 4
+    missing_eos_penalty: float = 1.0
+    generation_batch_size: int = 64
+    # PPO's own
     recompute_logprobs: bool = False  # old log-probs from a full forward instead of generate()'s (D1)
-    rollout_micro_batch: int = 64  # rows per generate / no-grad forward call in the rollout
     kl_coef: float = 0.05  # beta of the per-token KL penalty (initial value if adaptive) (D3)
     kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimate in the reward (D3)
     adaptive_kl: bool = False  # Ziegler et al.'s proportional controller of beta (D3)
     kl_target: float = 6.0  # target KL per sequence (nats) of the adaptive controller
     kl_horizon: int = 10000  # episodes for the controller to move beta by up to 20%
-    missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS; 0 -> off (D2)
     gamma: float = 1.0  # GAE discount (D5)
     lam: float = 0.95  # GAE lambda (D5)
     whiten_advantages: bool = True  # (D6)
@@ -154,36 +148,23 @@ class Config:
     critic_init: Literal["auto", "reward_model", "policy"] = "auto"  # auto: the RM if there is one, else the policy
 
 
-class PPO(Algorithm):
+class PPO(OnlineAlgorithm):
     name = "ppo"
-    Config = Config
-    data_format = "prompt"
+    Config = PPOConfig
     key_metrics = ("objective/scores", "objective/kl", "time/data_s", "time/update_s")  # data_s: the rollout
 
     def __init__(self, cfg, policy, tokenizer, ctx):
-        super().__init__(cfg, policy, tokenizer, ctx)
-        if cfg.rollout_batch_size % cfg.batch_size:
-            raise ValueError(f"rollout_batch_size={cfg.rollout_batch_size} must be a multiple of batch_size="
-                             f"{cfg.batch_size} (each rollout is cut into optimizer minibatches of batch_size)")
-        if cfg.rollout_batch_size % (ctx.world_size * cfg.samples_per_prompt):
-            raise ValueError("rollout_batch_size must be a multiple of world_size * samples_per_prompt")
-        if not cfg.reward_model:
-            raise ValueError('reward_model is empty: give "gold" or "ckpt:<reward model dir>" (train.py fills in the '
-                             "toy world's proxy reward model when no --data is given)")
-        self.steps_per_rollout = cfg.rollout_batch_size // cfg.batch_size * cfg.ppo_epochs
-        if ctx.master and cfg.dropout:
-            print(f"ppo: dropout={cfg.dropout} ignored; PPO runs without dropout (D9)")
-        self.scorer = get_scorer(cfg.reward_model, ctx.device)
-        self.monitor = get_scorer(cfg.monitor_reward, ctx.device) if cfg.monitor_reward else None
-        self.reference = Reference(policy)  # a frozen copy (eval mode: D9, no dropout), or under LoRA adapters off
+        super().__init__(cfg, policy, tokenizer, ctx)  # prompts, scorer, monitor, reference (eval mode: D9)
+        if cfg.dropout:
+            self.log(f"ppo: dropout={cfg.dropout} ignored; PPO runs without dropout (D9)")
         self.module = ActorCritic(policy, self.make_critic(policy) if cfg.critic == "separate" else None)
         no_dropout(self.module)                                                   # D9
-        max_prompt_len = cfg.max_len - cfg.max_new_tokens
-        if max_prompt_len < 1:
-            raise ValueError(f"max_len={cfg.max_len} leaves no room for a prompt after max_new_tokens={cfg.max_new_tokens}")
-        self.prompts = load_examples(cfg.data, "prompt", tokenizer, cfg.max_len, max_prompt_len, log=self.log)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
+
+    @property
+    def recompute_logprobs(self):
+        return self.cfg.recompute_logprobs  # D1: generate()'s log-probs by default
 
     def make_critic(self, policy):
         """D4: a RewardModel used as a value network, from the reward model or from the policy's weights."""
@@ -205,52 +186,28 @@ class PPO(Algorithm):
     def load_state_dict(self, ckpt):
         self.kl_ctl.value = ckpt.get("kl_coef", self.kl_ctl.value)  # the adaptive beta is state too
 
-    def prompt_batches(self, start_rollout):
-        """This rank's prompts of each rollout, in a seeded order shared by all ranks (data.micro_batches)."""
-        c, cfg = self.ctx, self.cfg
-        per_rank = cfg.rollout_batch_size // c.world_size // cfg.samples_per_prompt
-        return micro_batches(self.prompts, per_rank, 1, c.rank, c.world_size, cfg.seed, start_rollout,
-                             lambda examples: [e["prompt_ids"] for e in examples], bucket=False)
-
-    def batches(self, start_step):
-        start_rollout = -(-start_step // self.steps_per_rollout)                   # ceil: a new rollout on resume
-        for prompt_ids in self.prompt_batches(start_rollout):
-            rows, stats = self.rollout(prompt_ids)
-            for mb in minibatches(rows, self.ctx.micro_batch_size, self.cfg.ppo_epochs):  # D8
-                yield {**mb, **stats}
-
     @torch.no_grad()
-    def rollout(self, prompt_ids):
-        """Generate, score, reference, value; rewards, GAE, whitening. -> (per-row tensors, per-rollout stats)."""
-        cfg, ctx, start = self.cfg, self.ctx, time.perf_counter()
-        r = generate_rollout(self.policy, self.tokenizer, prompt_ids, cfg.samples_per_prompt, cfg.max_new_tokens,
-                             self.scorer, cfg.temperature, cfg.top_k, cfg.top_p, self.reference,
-                             cfg.rollout_micro_batch, autocast=ctx.autocast, recompute_logprobs=cfg.recompute_logprobs)
+    def make_rows(self, r):
+        """Critic values, per-token rewards, GAE and whitening for a scored rollout (its missing-EOS penalty already
+        applied by OnlineAlgorithm) -> the rows that minibatches are cut from."""
+        cfg, mb = self.cfg, self.cfg.generation_batch_size
         R, mask = r.response_mask.shape[1], r.response_mask
         self.module.eval()
-        with ctx.autocast():
-            values = torch.cat([self.module.values(r.input_ids[i:i + cfg.rollout_micro_batch],
-                                                   r.attention_mask[i:i + cfg.rollout_micro_batch], R)
-                                for i in range(0, len(r), cfg.rollout_micro_batch)]).float()
+        with self.ctx.autocast():
+            values = torch.cat([self.module.values(r.input_ids[i:i + mb], r.attention_mask[i:i + mb], R)
+                                for i in range(0, len(r), mb)]).float()
         self.module.train()
         t = ppo_targets(r.scores, r.eos, r.logprobs, r.ref_logprobs, values, mask, self.kl_ctl.value,
-                        cfg.kl_estimator, cfg.missing_eos_penalty, cfg.gamma, cfg.lam, cfg.whiten_rewards,
-                        cfg.whiten_advantages)
+                        cfg.kl_estimator, 0.0, cfg.gamma, cfg.lam, cfg.whiten_rewards, cfg.whiten_advantages)
         seq_kl = t["kl"].sum(1)                                                    # (N,) per-sequence KL
-        stats = {"objective/kl": seq_kl.mean(), "objective/kl_coef": self.kl_ctl.value,
-                 "objective/entropy": (-r.logprobs * mask).sum(1).mean(),           # TRL's sampled estimate
-                 "objective/non_score_reward": t["non_score_reward"].sum(1).mean(),
-                 "objective/rlhf_reward": t["scores"].mean() + t["non_score_reward"].sum(1).mean(),
-                 "objective/scores": t["scores"].mean(),
-                 "val/num_eos_tokens": r.eos.float().sum(), "val/response_length": mask.sum(1).mean()}
-        if self.monitor is not None:
-            stats["objective/monitor_scores"] = self.monitor(r.prompts, r.responses).mean()
+        self.rollout_metrics.update({
+            "objective/kl": seq_kl.mean(), "objective/kl_coef": torch.tensor(self.kl_ctl.value),
+            "objective/entropy": (-r.logprobs * mask).sum(1).mean(),               # TRL's sampled estimate
+            "objective/non_score_reward": t["non_score_reward"].sum(1).mean(),
+            "objective/rlhf_reward": t["scores"].mean() + t["non_score_reward"].sum(1).mean()})
         self.kl_ctl.update(global_mean(seq_kl.mean()), cfg.rollout_batch_size)      # D3 adaptive beta
-        stats["time/rollout_s"] = time.perf_counter() - start
-        stats = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in stats.items()}
-        rows = {"input_ids": r.input_ids, "attention_mask": r.attention_mask, "response_mask": mask,
+        return {"input_ids": r.input_ids, "attention_mask": r.attention_mask, "response_mask": mask,
                 "logprobs": r.logprobs, "values": values, "advantages": t["advantages"], "returns": t["returns"]}
-        return rows, stats
 
     def loss(self, model, batch):
         cfg, mask = self.cfg, batch["response_mask"]
@@ -263,8 +220,7 @@ class PPO(Algorithm):
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(logits / cfg.temperature), mask)
             ratio = masked_mean(torch.exp(logp - batch["logprobs"]), mask)
-        rollout_stats = {k: v for k, v in batch.items() if v.dim() == 0}
-        return loss, {**rollout_stats, "policy/approxkl_avg": approxkl, "policy/clipfrac_avg": clipfrac,
+        return loss, {**self.rollout_metrics, "policy/approxkl_avg": approxkl, "policy/clipfrac_avg": clipfrac,
                       "policy/entropy_avg": entropy, "loss/policy_avg": pg_loss.detach(),
                       "loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac, "val/ratio": ratio}
 

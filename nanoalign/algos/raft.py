@@ -63,12 +63,8 @@ class RAFT(OnlineAlgorithm):
     uses_reference = False  # no KL term; the evaluation measures the KL
     rows_per_prompt = 1  # one kept sample per prompt
 
-    def __init__(self, cfg, policy, tokenizer, ctx):
-        self.samples_per_prompt = cfg.samples_per_prompt
-        super().__init__(cfg, policy, tokenizer, ctx)
-
     def make_rows(self, rollout):
-        best = best_in_groups(rollout.scores, self.samples_per_prompt)  # (G,)
+        best = best_in_groups(rollout.scores, self.cfg.samples_per_prompt)  # (G,)
         self.rollout_metrics["objective/best_scores"] = rollout.scores[best].mean()
         rows = rollout.batch()
         return {k: rows[k][best] for k in ("input_ids", "attention_mask", "response_mask")}

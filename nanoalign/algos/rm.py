@@ -59,7 +59,7 @@ def load_pairs(path, tokenizer, max_len, log):
 
 
 @dataclass
-class Config:
+class RMConfig:
     rm_center_coef: float = 0.0  # c of the centring term c * mean((r_c + r_r)^2); 0 -> off (TRL suggests 0.01)
     rm_norm_data: str = ""  # JSONL {"prompt","completion"} of reference samples for the final normalisation;
     #                        "" -> the chosen and rejected completions of the training data
@@ -69,7 +69,7 @@ class Config:
 
 class RewardTrainer(Algorithm):
     name = "rm"
-    Config = Config
+    Config = RMConfig
     data_format = "preference"
     key_metrics = ("accuracy",)
     checkpoint_kind = "reward"

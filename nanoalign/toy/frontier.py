@@ -21,12 +21,11 @@ of each run), and KL is per sequence on 256 held-out prompts with 1 sample each.
 """
 import argparse
 import csv
-import importlib.util
 import itertools
 import json
 from pathlib import Path
 
-from nanoalign.algos import get_algorithm, variant_defaults
+from nanoalign.algos import algo_config
 from nanoalign.algos.raft import best_of_n_sampler
 from nanoalign.algos.rl_math import best_of_n_kl
 from nanoalign.checkpoint import checkpoint_path, load_checkpoint
@@ -35,7 +34,7 @@ from nanoalign.data import read_jsonl
 from nanoalign.loading import model_from_checkpoint
 from nanoalign.toy import gold_scorer
 from nanoalign.toy.evaluate import evaluate, model_sampler
-from nanoalign.toy.pipeline import default_recipe, toy_dir
+from nanoalign.toy.pipeline import default_recipe, toy_dir, toy_run
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, where train.py lives
 
@@ -66,18 +65,14 @@ COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_s
            "length", "out_dir")
 
 
-def train_main():
-    """train.py's main() (train.py is a script at the repository root, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("nanoalign_train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+def run_training(argv: list[str]) -> None:
+    """`python train.py <argv>` without --data: a toy-world run, trained and evaluated (pipeline.toy_run)."""
+    toy_run(load_config(argv, algo_config))
 
 
 def requested_config(argv: list[str]) -> dict:
     """The config train.py resolves from `argv` before the toy world fills in its data and init paths."""
-    algo = load_config(argv, lambda name: get_algorithm(name).Config).algo
-    return config_to_dict(load_config(argv, lambda name: get_algorithm(name).Config, overrides=variant_defaults(algo)))
+    return config_to_dict(load_config(argv, algo_config))
 
 
 def finished_run(out_dir: Path, requested: dict) -> bool:
@@ -100,7 +95,6 @@ def sweep(algos: list[str], values: list[float | None] | None, out: Path, extra:
           retrain: bool = False) -> list[dict]:
     """Train and evaluate one run per (algorithm, knob value), or reuse a finished one; a value None is a run at
     the algorithm's defaults in <out>/<algo>_default. Returns the points, SFT first."""
-    main = None  # train.py's main(), loaded on the first run that needs training
     points = []
     for item in algos:
         preset = [item] if item.endswith(".toml") else []  # a preset file: its algo, at its settings
@@ -116,8 +110,7 @@ def sweep(algos: list[str], values: list[float | None] | None, out: Path, extra:
             if not retrain and finished_run(out_dir, requested):
                 print(f"frontier: reusing {out_dir} (finished, same config)")
             else:
-                main = main or train_main()
-                main(argv)
+                run_training(argv)
             value = requested[knob] if value is None else value
             result = json.loads((out_dir / "eval.json").read_text())
             if not points:  # every run samples the same SFT reference with the same seed: one point for it

@@ -22,6 +22,7 @@ rank 0 while the others wait at a barrier.
 """
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -45,7 +46,7 @@ from nanoalign.data import read_jsonl
 from nanoalign.toy.evaluate import completion_text, evaluate, format_table, model_sampler, sample_completions
 from nanoalign.toy.world import (TAU, binary_feedback, gold_reward, is_grammatical, label_pairs, make_corpus,
                                  split_prompt, write_jsonl)
-from nanoalign.trainer import setup_distributed, train
+from nanoalign.trainer import resolve_device, setup_distributed, train
 
 VERSION = 1  # bump when a stage's code changes what it writes: every cache is rebuilt
 
@@ -183,8 +184,9 @@ def stage_config(cfg, recipe: Recipe, **values):
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     micro = min(recipe.micro_batch_size, values["batch_size"] // world_size)  # the batch must split over the ranks
     # bf16 autocast does not pay at this size on a CPU: a base-model step took 0.18 s in bf16 and 0.09 s in fp32
-    dtype = "float32" if cfg.dtype == "auto" and cfg.device == "cpu" else cfg.dtype
-    system = {"device": cfg.device, "dtype": dtype, "compile": cfg.compile}
+    device = resolve_device(cfg.device)
+    dtype = "float32" if cfg.dtype == "auto" and device == "cpu" else cfg.dtype
+    system = {"device": device, "dtype": dtype, "compile": cfg.compile}
     args = {"algo": "sft", "seed": recipe.seed, "micro_batch_size": micro, "warmup_steps": 20, "log_interval": 50,
             **system, **values}
     return load_config([f"--{k}={v}" for k, v in args.items()], lambda name: get_algorithm(name).Config)
@@ -264,10 +266,15 @@ def annotate(directory: Path, device, recipe: Recipe) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- entry points
-def prepare(cfg, algorithm_cls, recipe: Recipe | None = None) -> dict:
-    """Build whatever is missing of the toy world, then fill cfg.data (by algorithm_cls.data_format) and
-    cfg.init_from (the SFT model; the base model if the class says toy_init = "base") unless already set.
-    Returns {stage: seconds, or None when it came from the cache}."""
+PROXY_RM_ALGOS = ("ppo",)  # scored by the learned proxy reward model (InstructGPT's setting); other online runs by gold
+
+
+def prepare(cfg, algorithm_cls, recipe: Recipe | None = None):
+    """Build whatever is missing of the toy world. Returns (the run config with the toy world's inputs filled in,
+    {stage: seconds, or None when it came from the cache}); `cfg` itself is left as it was. Filled in: data (by
+    algorithm_cls.data_format), init_from unless set (the SFT model, or the base model for starts_from = "base"),
+    an online run's empty reward_model ("gold", or the proxy RM for PROXY_RM_ALGOS) and monitor_reward ("gold"),
+    and dtype "auto" -> float32 on a CPU."""
     recipe = recipe or default_recipe()
     root = toy_dir()
     rank, _, device = setup_distributed(cfg)  # initialises the process group before the first barrier
@@ -280,27 +287,38 @@ def prepare(cfg, algorithm_cls, recipe: Recipe | None = None) -> dict:
         for stage, every_rank, build in stages:
             keys[stage] = key = stage_key(stage, recipe, upstream=key)  # a changed stage changes all keys after it
             timings[stage] = run_stage(root / stage, key, build, rank, every_rank)
-        # (added with PPO) a run scored by a reward model (Config key reward_model, left "") gets the proxy RM, built
-        # once into rm/, and logs the gold reward beside it (monitor_reward): over-optimisation of the proxy shows
-        if getattr(cfg, "reward_model", None) == "":
+        fills = {}
+        if getattr(cfg, "reward_model", None) == "" and cfg.algo in PROXY_RM_ALGOS:  # the proxy RM, built once
             keys["rm"] = stage_key("rm", recipe, keys["annotations"])
             timings["rm"] = run_stage(root / "rm", keys["rm"], lambda d: train_reward_model(d, cfg, device, recipe),
                                       rank, True)
-            cfg.reward_model = f"ckpt:{root / 'rm'}"
+            fills["reward_model"] = f"ckpt:{root / 'rm'}"
+        elif getattr(cfg, "reward_model", None) == "":  # any other online run optimises the gold reward itself
+            fills["reward_model"] = "gold"
     if getattr(cfg, "monitor_reward", None) == "":
-        cfg.monitor_reward = "gold"
+        fills["monitor_reward"] = "gold"  # logged beside a proxy reward: over-optimisation of the proxy shows
     if rank == 0:
         print(f"toy world in {root}: " + ", ".join(
             f"{stage} {'cached' if s is None else f'built in {s:.1f} s'}" for stage, s in timings.items()))
     fmt = algorithm_cls.data_format
     if fmt not in DATA_FILES:
         raise ValueError(f"{algorithm_cls.__name__}.data_format={fmt!r}: the toy world has {', '.join(DATA_FILES)}")
-    cfg.data = str(root / DATA_FILES[fmt])
+    fills["data"] = str(root / DATA_FILES[fmt])
     if not cfg.init_from:
-        cfg.init_from = f"ckpt:{root / getattr(algorithm_cls, 'toy_init', 'sft')}"
+        fills["init_from"] = f"ckpt:{root / algorithm_cls.starts_from}"
     if cfg.dtype == "auto" and not torch.cuda.is_available():
-        cfg.dtype = "float32"  # the toy model is too small for bf16 to pay on a CPU (see stage_config)
-    return timings
+        fills["dtype"] = "float32"  # the toy model is too small for bf16 to pay on a CPU (see stage_config)
+    return dataclasses.replace(cfg, **fills), timings
+
+
+def toy_run(cfg):
+    """What `python train.py` does without --data: build what is missing of the toy world, train the algorithm on
+    it (out_dir defaults to out/<algo>) and evaluate the result against the SFT model. Returns the out dir."""
+    algorithm = get_algorithm(cfg.algo)
+    cfg, _ = prepare(cfg, algorithm)
+    out_dir = train(dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/{cfg.algo}"), algorithm)
+    evaluate_run(cfg, out_dir)
+    return out_dir
 
 
 def evaluate_run(cfg, out_dir, recipe: Recipe | None = None, seed: int = 0, n_samples: int = 1) -> dict | None:
@@ -309,7 +327,7 @@ def evaluate_run(cfg, out_dir, recipe: Recipe | None = None, seed: int = 0, n_sa
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     recipe = recipe or default_recipe()
-    out_dir, device = Path(out_dir), torch.device(cfg.device if cfg.device != "auto" else "cpu")
+    out_dir, device = Path(out_dir), torch.device(resolve_device(cfg.device))
     ckpt = load_checkpoint(out_dir, device)
     if ckpt.get("kind", "policy") != "policy":
         print(f"eval: {out_dir} holds a {ckpt['kind']} model, not a policy; no samples to score")
@@ -317,8 +335,8 @@ def evaluate_run(cfg, out_dir, recipe: Recipe | None = None, seed: int = 0, n_sa
     policy, tokenizer = model_from_checkpoint(ckpt, device)
     reference, _ = model_from_checkpoint(load_checkpoint(toy_dir() / "sft", device), device)
     prompts = [row["prompt"] for row in read_jsonl(toy_dir() / "corpus" / "eval_prompts.jsonl", "prompt")]
-    format_prompt = getattr(get_algorithm(cfg.algo), "format_prompt", None)  # CoH samples after its feedback phrase
-    policy_prompts = [format_prompt(cfg, p) for p in prompts] if format_prompt else None
+    format_prompt = get_algorithm(cfg.algo).format_prompt  # CoH samples after its feedback phrase
+    policy_prompts = [format_prompt(cfg, p) for p in prompts]
     start = time.perf_counter()
     result = evaluate(policy, reference, tokenizer, prompts, n_samples=n_samples, seed=seed,
                       max_new_tokens=recipe.max_new_tokens, policy_prompts=policy_prompts)
