@@ -180,7 +180,7 @@ def test_coh_format_prompt_and_random_order(pref_file, tmp_path):
 
 
 def test_coh_toy_preset_resolves_to_its_recipe():
-    """data/coh_toy.toml (the README's CoH row and the frontier's coh_toy point) loads as CoH's config with the
+    """data/coh_toy.toml (docs/coh.md's recipe and the frontier's coh_toy point) loads as CoH's config with the
     phrases first, " good" / " bad" with their leading spaces, and its learning rate, length and batch."""
     cfg = load_config([str(Path(__file__).resolve().parents[1] / "data" / "coh_toy.toml")], algo_config)
     assert (cfg.algo, cfg.coh_phrase_first, cfg.coh_positive, cfg.coh_negative) == ("coh", True, " good", " bad")

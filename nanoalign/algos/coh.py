@@ -28,25 +28,11 @@ This implementation differs from the paper in:
   - pieces are joined with one space where neither side has whitespace at the boundary; over max_len the prompt
     is cut from the left, and a pair whose phrases and answers alone do not fit is dropped (counted as too_long).
 
-On the toy world (SFT gold reward 0.496 +- 0.020) CoH does not beat the SFT model at the settings every other offline
-algorithm uses (lr 1e-4, 200 steps of 64): the default run reaches 0.509 +- 0.021 at KL 7.0 with 27% grammatical
-samples. Its phrases are made of tokens the toy corpus never contains (" ", "A", "el", "p", ":"... have untrained
-embeddings) and sit inside the prompt's sentence; " good"/" bad" phrases placed first (coh_phrase_first) keep 75-90%
-grammatical at KL 0.2-3 but reach only 0.50-0.51 in 200-600 steps. The cause is that the model has not learned the
-feedback conditional: on held-out gold-ordered pairs, [log pi(y_w | x, positive) - log pi(y_w | x, negative)] - [the
-same for y_l] stays between -0.04 and +0.06 nats for 13 recipes (either phrase pair and placement, random or
-positive-first order, lr 1e-4 to 1e-3, up to 1000 steps, noise-free pairs), where a model that had learned the
-annotators' preferences would show about 1.3. Both answers are samples of the model itself, so the SFT gradient on
-them averages to zero; only which answer follows which phrase carries information, and that signal is weak (the
-same code learns a deterministic phrase -> answer rule, " good" -> " it was great ." and " bad" -> " it was
-awful .", to p = 0.996 in 200 steps at lr 1e-3). It is learnable with far more optimisation (batch 32): with " good"/
-" bad" first the gap reaches 0.16 +- 0.02 after 3000 steps at lr 1e-3 (gold 0.498), 0.52 +- 0.03 after 3000 steps
-at lr 3e-3 (gold 0.548 +- 0.020, KL 2.5) and 0.33 +- 0.06 after 6000 steps at lr 3e-3 (gold 0.584 +- 0.020, KL 8.7).
-The recipe in data/coh_toy.toml is that last one. Its price is memorisation of the training answers (training NLL 1.65
-at step 500, 1.04 at the end), hence the large KL. On 4 samples per held-out prompt (another sampling seed) the
-gain is smaller but clear: 0.532 +- 0.010 vs SFT 0.495 +- 0.010 (win rate 0.545 +- 0.015), and 0.550 +- 0.010 (win
-rate 0.554 +- 0.015) for a second training seed; under half of DPO's gain. The default phrases at lr 3e-3 for 6000
-steps beat SFT on one training seed (0.551, win rate 0.552) but not on another (0.516, win rate 0.510).
+Why it needs a recipe of its own on the toy world: both answers of a pair are samples of the model itself, so the
+SFT gradient on them averages to zero and only which answer follows which phrase carries information; at the
+settings the other offline algorithms use the model never learns to read the phrase. data/coh_toy.toml (in-
+vocabulary phrases first, a far larger learning rate and step count) does learn it. The diagnosis and the
+measurements: docs/coh.md.
 """
 import random
 from dataclasses import dataclass

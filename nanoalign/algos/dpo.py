@@ -55,18 +55,14 @@ This implementation differs from the papers in:
   - rewards returned for logging are beta * (log-ratio the loss used): summed for most types,
     averaged for "ipo"; for the reference-free "simpo"/"cpo" they are beta * log pi (averaged for
     simpo), as in TRL's CPOTrainer. They never carry gradient.
-  - DPO-Positive's lambda defaults to 1. The paper trains with lambda = 50 (the default of other DPOP code too;
-    TRL has no DPOP loss), on LLM pairs whose two answers differ in a few tokens, where DPO can push log pi(y_w)
-    down while it separates the pair. On the toy world the pairs are two samples of the SFT model, and DPO moves
-    both log-probs down together (lowering y_l lowers the similar y_w): any lambda >> 1 makes every step that
-    lowers log pi(y_w) cost more than the margin it buys, and the policy stays at the reference. Measured, 200
-    steps (gold reward +- 0.021, SFT 0.504): lambda 50 -> 0.517 at KL 0.005, 10 -> 0.519, 5 -> 0.532 at KL 0.012,
-    2 -> 0.540 at KL 0.03, 1 -> 0.588 at KL 0.13. lambda = 1 prices a nat of lost log pi(y_w) like a nat of
-    margin: the failure mode still costs twice what DPO charges, and the policy learns. Pass --dpop_lambda=50 for
-    the paper's setting.
+  - DPO-Positive's lambda defaults to 1, not the paper's 50 (TRL has no DPOP loss). When the two answers of a
+    pair are similar (on the toy world, two samples of one model) DPO lowers both log-probs together, and a
+    lambda >> 1 makes every such step cost more than the margin it buys, so the policy stays at the reference;
+    lambda = 1 prices a nat of lost log pi(y_w) like a nat of margin. Pass --dpop_lambda=50 for the paper's
+    setting. The lambda sweep on the toy world: docs/dpo.md.
   - the NLL terms of CPO (L_NLL on y_w) and of RPO (Pang et al. 2024, "Iterative Reasoning
     Preference Optimization", arXiv:2404.19733: DPO + alpha * NLL of y_w / |y_w|) are added by the
-    Algorithm adapter (phase 2, bottom of this file), not here: this function covers only the
+    Algorithm adapter (bottom of this file), not here: this function covers only the
     preference part.
   - IPO's regularisation strength tau is our beta (the target margin is 1/(2 tau)).
   - SLiC-HF's own hinge is max(0, delta - c + r) on raw log-probs plus a cross-entropy
@@ -144,8 +140,9 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
 # shards are all-gathered, so every rank holds every value. They are stored on the examples as ref_chosen_logps /
 # ref_rejected_logps (collate stacks them) and no copy of the model is kept. ref_logps="live" keeps a frozen copy
 # instead and runs it on every micro-batch. "simpo" and "cpo" need no reference at all.
-# Departures from TRL's DPOTrainer: the NLL term (rpo_alpha) is the token mean over the micro-batch's chosen
-# answers, as our SFT loss; logps/* report SUMMED log-probs for every loss type.
+# The NLL term (rpo_alpha) is the token mean of -log pi over the micro-batch's chosen completion tokens, as our SFT
+# loss; TRL 1.16 (no rpo_alpha: loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]) computes the same mean.
+# logps/* report SUMMED log-probs for every loss type, as TRL's DPOTrainer. Comparison with TRL: docs/dpo.md.
 
 
 @dataclass

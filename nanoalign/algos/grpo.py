@@ -28,6 +28,9 @@ This implementation differs from the paper in:
   - log-probs are of the sampling distribution at `temperature` (D_it too); the means run over each micro-batch
     (with accumulation the trainer averages micro-batch means);
   - the iterative reward-model retraining of Sec. 4.1.3 is not implemented (the reward is fixed).
+Where TRL 1.16's GRPOTrainer differs by default: beta = 0 (no KL term); with beta != 0 its k3 term is multiplied by
+the importance ratio pi / pi_old (use_bias_correction_kl=True), which is 1 in value on-policy but not in gradient,
+so its KL gradient is not Eq. 3's; and its loss is the token mean (loss_type="dapo"). docs/online.md has the details.
 KL knob: kl_coef (beta, the paper's 0.04). Default reward on the toy world: the gold reward (reward_model="gold").
 """
 from dataclasses import dataclass

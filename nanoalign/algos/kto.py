@@ -23,17 +23,17 @@ r the log-ratio of the example and s' = s(1 - s):
 
 This implementation differs from the paper in:
   - z0 is estimated on whatever mismatched pairs the caller passes (the adapter uses its own
-    micro-batch), not across all ranks' micro-batches as TRL's gather does; with small micro-batches
-    the estimate is noisier. Like the paper and TRL it is clamped at 0 and detached.
+    micro-batch), not averaged over all ranks as TRL 1.16 does; with small micro-batches the
+    estimate is noisier. Like the paper and TRL it is clamped at 0 and detached.
   - the data must hold both labels: `check_labels` raises a clear error instead of training on
     one-sided feedback (and instead of the NaN that a mean over an empty side gives).
 
 The Algorithm adapter (bottom of this file) trains on binary JSONL {"prompt","completion","label"} or on
 preference JSONL, which it unpairs (chosen -> desirable, rejected -> undesirable; detected from the columns).
 Each example gets one mismatched pair, fixed for the run as TRL fixes its "KL dataset": its own prompt with the
-completion of the next example in a seeded random cycle over the dataset (TRL uses the next example in file
-order, which in data with several completions per prompt, like the toy world's, often has the same prompt and so
-is no mismatch). z0 is the mean over the micro-batch's pairs; the policy's log-probs on them need no gradient.
+completion of the next example in a seeded random cycle over the dataset (TRL 1.16 rotates completions by one
+within each mapped batch, i.e. takes a file-order neighbour's, which in data with several completions per prompt,
+like the toy world's, often has the same prompt and so is no mismatch). Comparison with TRL: docs/dpo.md. z0 is the mean over the micro-batch's pairs; the policy's log-probs on them need no gradient.
 Reference log-probs are precomputed once or kept live, exactly as in algos/dpo.py (`Reference`, `precompute`).
 A micro-batch may hold one label only: its loss is still defined, and the missing side's metrics are logged as 0.
 """
@@ -82,7 +82,7 @@ def check_labels(labels, where="dataset"):
     return n_desirable, n_undesirable
 
 
-# --- Algorithm adapter (phase 2): batch -> log-probs (incl. mismatched KL pairs) -> kto_loss ---
+# --- Algorithm adapter: batch -> log-probs (incl. mismatched KL pairs) -> kto_loss ---
 
 
 def is_preference_file(path):

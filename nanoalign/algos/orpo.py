@@ -23,12 +23,15 @@ Delta = log odds(y_w) - log odds(y_l):
 
 This implementation differs from the paper in:
   - L_SFT is passed in per sequence (`chosen_nll`, (B,)); the adapter decides how it is averaged
-    over tokens (the paper's and TRL's L_SFT is the token-mean cross-entropy of y_w).
+    over tokens (the paper's L_SFT is the cross-entropy of y_w given x).
+  - TRL 1.16's ORPOTrainer computes its NLL over the whole chosen sequence, prompt AND completion
+    (labels wherever the attention mask is 1); ours, like the paper's, is over the completion y_w
+    only. docs/dpo.md has the comparison.
   - the clamp at MAX_AVG_LOGP: for avg_logp in (MAX_AVG_LOGP, 0] the odds-ratio term carries no
     gradient for that response (the NLL term still does).
 
 The Algorithm adapter (bottom of this file) runs chosen and rejected rows through ONE forward, takes L_SFT as the
-token-mean NLL of the micro-batch's chosen answers (our sft_loss; TRL's too) and passes it to every row, so the
+token-mean NLL of the micro-batch's chosen completion tokens (our sft_loss) and passes it to every row, so the
 loss is L_SFT + lam * mean(L_OR). No reference model; on the toy world it starts from the base model
 (starts_from = "base"), as the paper applies ORPO to pretrained models without an SFT stage. Metrics follow TRL's
 ORPOTrainer: rewards/* = lam * average log-probs (which logps/* report too), and, with TRL's names,
@@ -64,7 +67,7 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, lam):
     return losses, or_term, log_odds_ratio
 
 
-# --- Algorithm adapter (phase 2): batch -> average log-probs and NLL of y_w -> orpo_loss ---
+# --- Algorithm adapter: batch -> average log-probs and NLL of y_w -> orpo_loss ---
 
 
 @dataclass

@@ -17,9 +17,14 @@ The details, each switchable in Config where one would ablate it (D-numbers are 
   D1 rollout from prompt-only data with the KV cache (nanoalign/rollout.py); log-probs of the sampling distribution
      softmax(logits / temperature), in the rollout AND in training (forgetting the temperature in training makes the
      first ratio != 1).  `temperature`, `recompute_logprobs`
-  D2 the score is read at the EOS token (the reward model saw the whole response); a response that never emits EOS
-     within max_new_tokens gets `missing_eos_penalty` subtracted from its score (N+ detail: otherwise the policy
-     learns to ramble past the budget, where the RM score is meaningless).
+  D2 the EOS is an action like any other token: the response mask covers every token up to AND including the first
+     EOS, the KL penalty is taken on all of them, and the score, read by the reward model at the EOS (it saw the
+     whole response), lands on the EOS token. A response that never emits EOS within max_new_tokens gets its score
+     on its last token, minus `missing_eos_penalty` (N+ detail: otherwise the policy learns to ramble past the
+     budget, where the RM score is meaningless; TRL 1.12 has the penalty but off by default). TRL 1.12's
+     PPOTrainer differs: with its default stop_token=None nothing stops at EOS and the score lands on the last of
+     response_length tokens; with stop_token="eos" the score lands one position after the last non-PAD token,
+     outside the policy's loss mask (docs/ppo.md).
   D3 per-token KL penalty with the score added at the last token (rl_math.ppo_rewards); k1 (the papers' log-ratio)
      by default, k3 selectable: `kl_estimator`. Fixed beta or the adaptive controller of Ziegler et al.:
      `kl_coef`, `adaptive_kl`, `kl_target`, `kl_horizon`.
@@ -45,12 +50,15 @@ score, reference and critic forwards, rewards, GAE, whitening), then yields the 
 forward per backward). The trainer's "step" is an OPTIMIZER step: each rollout of `rollout_batch_size` sequences
 (all ranks) gives rollout_batch_size / batch_size * epochs steps, so max_steps counts minibatch updates, not
 rollouts. Rollout time lands in the trainer's time/data_s (it happens inside next(batches)), updates in
-time/update_s; time/rollout_s is the mean duration of one rollout phase.
+time/update_s. The rollout itself (prompts, sampling, reference, scores, the missing-EOS penalty) is the one every
+online algorithm shares (algos/online.py); PPO adds the critic's values, the per-token rewards and GAE (make_rows).
 
 Departures: no pretraining-gradient mix (PPO-ptx); the losses are token means over each micro-batch (the trainer
 averages micro-batches); the value clip is in score units (TRL) with no value normalisation; entropy is reported as
-TRL's sampled estimate sum_t -log pi(y_t) (no entropy bonus); resuming mid-rollout starts a new rollout (the rest
-of the interrupted one is not replayed; checkpoint at multiples of the rollout's steps to resume exactly).
+TRL's sampled estimate sum_t -log pi(y_t) (no entropy bonus); policy/approxkl_avg is a mean over the valid response
+tokens (TRL 1.12's is a mean over every position, padding included). Checkpoints fall on rollout boundaries, where
+resume is exact (the trainer refuses one from inside a rollout).
+Implementation details with pointers, the toy world's reward model and PPO's measured results: docs/ppo.md.
 """
 import copy
 from dataclasses import dataclass

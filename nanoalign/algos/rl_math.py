@@ -135,7 +135,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip=0.2):
     lm-human-preferences and TRL (Huang et al. 2024). Departure: the mean is over the tokens of the
     (micro-)batch it is given; with gradient accumulation the trainer averages micro-batch means.
     clipfrac = fraction of tokens where the clipped term is the active one (zero gradient there);
-    approxkl = mean 0.5 (log rho)^2, the k2 estimate of KL(pi_old || pi) used by TRL.
+    approxkl = mean 0.5 (log rho)^2 over the valid tokens, the k2 estimate of KL(pi_old || pi) that TRL
+    logs (TRL 1.12 averages it over every position, padding included, which dilutes it).
     """
     log_ratio = logp - old_logp                                       # log rho_t  (B, T)
     ratio = torch.exp(log_ratio)                                      # rho_t      (B, T)

@@ -19,7 +19,8 @@ EOS readout must gather a sum whose number of terms varies through attention, wh
 then the running sum up to t (the score if the text ended at t), which is what a critic started from it reads.
 Departures: InstructGPT trains on all K-choose-2 comparisons of a prompt in one batch element; we treat each pair as
 an independent example (TRL's choice). Lm-human-preferences normalises with samples of the policy at the start of
-training and again after; we normalise once, at the end.
+training and again after; we normalise once, at the end. Evaluation (--eval_data) reports the training loss, centring
+term included, averaged over the eval micro-batches. The toy world's reward model and its accuracy: docs/ppo.md.
 """
 from dataclasses import dataclass
 

@@ -10,7 +10,7 @@ eval.json (gold reward and KL(pi || pi_SFT) on held-out prompts) into <out>/fron
 plus <out>/frontier.png (gold reward vs KL, one colour and marker per algorithm, the SFT model at KL = 0) when
 matplotlib is installed. Any other --key=value goes to every run (e.g. --max_steps=100). Without --values/--betas
 each algorithm sweeps the values of its table entry; the value "default" is a run at the algorithm's own defaults,
-in <out>/<algo>_default (the README table's settings); --defaults=a,b adds such runs next to the --algos sweeps.
+in <out>/<algo>_default (the default-setting rows of docs/toy-world.md); --defaults=a,b adds such runs next to the --algos sweeps.
 An item ending in .toml is a preset (python train.py <preset>): its algorithm at the preset's settings, in
 <out>/<preset name>_default, plotted as <preset name> (data/coh_toy.toml: Chain of Hindsight's toy-world recipe).
 A finished run is reused, not retrained: when <out>/<algo>_<knob><value>/eval.json exists and the config saved in

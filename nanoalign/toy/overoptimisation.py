@@ -15,7 +15,8 @@ every run, plus each run's final held-out evaluation) and, when matplotlib is in
 The picture in data/overoptimisation.png: the frontier's PPO runs (out/frontier/ppo_kl_coef{0.01,0.05,0.2,0.5},
 200 steps) and, in out/overopt, kl_coef=0 for 400 steps against the pipeline's proxy RM, the gold reward
 (--reward_model=gold, also at kl_coef=0.01 for 200 steps) and a weak RM (--algo=rm on the first 1000 of the 8972
-annotated pairs, 100 steps: --reward_model=ckpt:out/overopt/rm_weak); the commands are in the README.
+annotated pairs, 100 steps: --reward_model=ckpt:out/overopt/rm_weak); the commands and the measured
+curves are in docs/toy-world.md.
 
 Units: the proxy RM's scores are normalised to mean 0 / std 1 on reference samples (algos/rm.py); to compare the
 gold reward on the same footing, gold_z = (gold - m) / s, with m and s the SFT model's mean and standard deviation
