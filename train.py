@@ -1,4 +1,4 @@
-"""Train with any algorithm: python train.py [preset.toml] [--key=value ...]
+"""Train with any algorithm: python train.py [preset.toml] [--key=value ...]   (--help lists every key)
 
     python train.py                                   # DPO on the built-in toy world (builds what is missing)
     python train.py --algo=sft --data=sft.jsonl --init_from=scratch
@@ -11,13 +11,19 @@ import sys
 import torch.distributed as dist
 
 from nanoalign.algos import algo_config, get_algorithm
-from nanoalign.config import load_config
+from nanoalign.config import ConfigError, help_text, load_config
+from nanoalign.data import DataError
 from nanoalign.toy.pipeline import toy_run  # importing the toy world registers "toy" and "gold"
 from nanoalign.trainer import train
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        rest = [a for a in argv if a not in ("--help", "-h")]
+        algo = load_config([a for a in rest if a.startswith("--algo=")] or [], algo_config).algo
+        print(__doc__ + help_text(algo, algo_config(algo)))
+        return None
     cfg = load_config(argv, algo_config)
     if not cfg.data:  # the built-in default: build (or reuse) the toy world's models and data, train, evaluate
         out_dir = toy_run(cfg)
@@ -31,4 +37,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError, FileNotFoundError) as err:  # the user's input, not a bug: one line, exit 2
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -3,7 +3,7 @@
 nanoGPT's semantics (typed defaults, a preset file, `--key=value`, an unknown key is an error) as an
 importable function instead of `exec` of globals, so train.py stays testable:
 
-    cfg = load_config(["presets/dpo.toml", "--lr=5e-5", "--compile"], algo_configs=registry_config)
+    cfg = load_config(["data/coh_toy.toml", "--lr=5e-5", "--compile"], algo_configs=nanoalign.algos.algo_config)
     cfg.lr, cfg.beta          # TrainConfig keys and the algorithm's own keys on one flat object
 
 The preset is a flat TOML table (`lr = 5e-5`). The resolved config is saved in every checkpoint with
@@ -12,6 +12,7 @@ config_to_dict and rebuilt on resume with config_from_dict.
 import dataclasses
 import difflib
 import functools
+import inspect
 import tomllib
 import types
 import typing
@@ -92,6 +93,38 @@ def load_config(argv: list[str], algo_configs: AlgoConfigs | None = None, overri
         layers.append(("overrides", dict(overrides)))
     layers.append(("the command line", argv_values))
     return _build(layers, algo_configs)
+
+
+def help_text(algo: str, algo_config: type | None) -> str:
+    """Every key with its type, default and the comment beside it in the source, generated from the dataclasses
+    (TrainConfig's groups, then the algorithm's own keys), so --help never drifts from the code."""
+    lines = []
+    for cls, title in ((TrainConfig, "training"), (algo_config, f"--algo={algo}")):
+        if cls is None:
+            continue
+        hints, defaults = typing.get_type_hints(cls), {f.name: f.default for f in dataclasses.fields(cls)}
+        own = {f.name for f in dataclasses.fields(cls)} - ({f.name for f in dataclasses.fields(TrainConfig)}
+                                                           if cls is not TrainConfig else set())
+        lines.append(f"\n{title} keys:")
+        seen = set()
+        for klass in reversed(cls.__mro__):  # base classes first, so inherited keys keep their comments
+            try:
+                source = inspect.getsource(klass).splitlines()[1:] if dataclasses.is_dataclass(klass) else []
+            except OSError:  # a variant's class made by algos.algo_config: its defaults are shown, its base's comments
+                source = []
+            for raw in source:
+                text = raw.strip()
+                if text.startswith("#") and cls is TrainConfig:
+                    lines.append(f" {text.lstrip('# ')}:")
+                name = text.split(":")[0].strip()
+                if name in own and name not in seen and ":" in text and not text.startswith(("#", '"')):
+                    comment = text.partition("#")[2].strip() if "#" in text else ""
+                    kind = hints[name]
+                    kind = ("|".join(map(str, typing.get_args(kind))) if typing.get_origin(kind) is Literal
+                            else getattr(kind, "__name__", str(kind).replace("typing.", "")))
+                    lines.append(f"  {f'--{name}={defaults[name]!r}':<34} {kind:<8} {comment}")
+                    seen.add(name)
+    return "\n".join(lines)
 
 
 def config_to_dict(cfg) -> dict[str, Any]:

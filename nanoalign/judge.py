@@ -21,7 +21,7 @@ Departures from OAIF: their annotator (PaLM 2-L) generates an answer "1" or "2" 
 the answer distribution (normalised over the two labels) instead of sampling it, and average both orders (OAIF
 mentions position bias but does not swap). The judging prompt is a template, not their few-shot prompt.
 """
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
@@ -30,11 +30,6 @@ from nanoalign.logps import batch_logps
 
 DEFAULT_TEMPLATE = ("{instruction}\n\nPrompt: {prompt}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
                     "Which response is better, A or B?\nAnswer:")
-
-
-class Annotator(Protocol):
-    def prefer(self, prompts: list[str], first: list[str], second: list[str]) -> torch.Tensor:
-        """(N,) float32 probability that first[i] is the better response to prompts[i]; 0.5 means no preference."""
 
 
 def score_preference(first_scores, second_scores):

@@ -41,12 +41,12 @@ class GPTConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
-        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
-        assert self.pos in ("learned", "rope") and self.norm in ("layernorm", "rmsnorm") and self.mlp in ("gelu", "swiglu")
-
-
-def gpt2_config(**kw):
-    return GPTConfig(**kw)
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.pos not in ("learned", "rope") or self.norm not in ("layernorm", "rmsnorm") or \
+                self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"pos={self.pos!r}, norm={self.norm!r}, mlp={self.mlp!r}: choose pos learned|rope, "
+                             "norm layernorm|rmsnorm, mlp gelu|swiglu")
 
 
 def llama_config(**kw):
@@ -209,11 +209,14 @@ class GPT(nn.Module):
         else:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]    # left padding shifts positions
             S = attention_mask.size(1)
-            assert S == past + T, "attention_mask must cover the cached and the new tokens"
+            if S != past + T:
+                raise ValueError(f"attention_mask covers {S} positions, not the {past} cached + {T} new tokens")
             key, query = torch.arange(S, device=idx.device)[None, :], torch.arange(past, S, device=idx.device)[:, None]
             mask = (key <= query)[None] & attention_mask.bool()[:, None, :]     # (B, T, S) causal and not padding
             mask = (mask | (key == query)[None])[:, None]                        # (B, 1, T, S); a pad query sees itself: no NaN
-        assert pos.max() < self.cfg.block_size, f"sequence longer than block_size={self.cfg.block_size}"
+        if pos.max() >= self.cfg.block_size:  # a correctness guard (e.g. a sliding window capped block_size): raise
+            raise ValueError(f"sequence of {int(pos.max()) + 1} positions is longer than block_size="
+                             f"{self.cfg.block_size}")
         x = self.tok_emb(idx)                                                    # (B, T, C)
         rope = None
         if self.cfg.pos == "learned":
@@ -242,11 +245,13 @@ class GPT(nn.Module):
         temperature=0 is greedy (log-probs then come from the unscaled distribution). Rows stop at EOS."""
         device, B = self.lm_head.weight.device, len(prompts)
         P = max(len(p) for p in prompts)
-        assert P + max_new_tokens <= self.cfg.block_size, "prompt + max_new_tokens exceeds block_size"
+        if P + max_new_tokens > self.cfg.block_size:
+            raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds block_size={self.cfg.block_size}")
         prompt_ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
         attn = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)  # grows as tokens are appended
         for i, p in enumerate(prompts):
-            assert len(p) > 0, "empty prompt: prepend a BOS/EOS token"
+            if not p:
+                raise ValueError("empty prompt: prepend a BOS/EOS token")
             prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             attn[i, P - len(p):P] = 1
         autocast = torch.is_autocast_enabled(device.type)  # the cache holds k, v in the dtype the layers make them

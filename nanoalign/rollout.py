@@ -50,10 +50,6 @@ class Rollout:
         """P: response token j of every row is column P + j of input_ids."""
         return self.input_ids.shape[1] - self.response_mask.shape[1]
 
-    @property
-    def responses_ids(self):
-        return self.input_ids[:, self.prompt_len:]  # (N, R)
-
     def __len__(self):
         return self.input_ids.shape[0]
 

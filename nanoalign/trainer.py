@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanoalign.checkpoint import load_checkpoint, save_checkpoint
-from nanoalign.config import config_to_dict
+from nanoalign.config import ConfigError, config_to_dict
 from nanoalign.data import collate, load_examples, micro_batches, to_device
 from nanoalign.loading import apply_lora, build_policy, load_trainable_state, trainable_state
 
@@ -177,6 +177,20 @@ def lr_at(step, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def split_batch(batch_size, micro_batch_size, world_size):
+    """(micro batch, accumulation steps) for a global batch over world_size ranks, as nanoGPT derives them: each rank
+    takes batch_size / world_size examples per step in micro-batches of the largest size <= micro_batch_size that
+    divides them, so the same command runs on 1 or 8 ranks with the same global batch."""
+    if batch_size < 1 or micro_batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} and micro_batch_size={micro_batch_size} must be >= 1")
+    if batch_size % world_size:
+        raise ConfigError(f"batch_size={batch_size} does not split evenly over {world_size} ranks: use a multiple "
+                          f"of {world_size}")
+    per_rank = batch_size // world_size
+    micro = max(d for d in range(1, min(micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+    return micro, per_rank // micro
+
+
 def reduce_metrics(sums, count, world_size, device):
     """Average the accumulated metrics over micro-steps and ranks (every rank calls this at the same step)."""
     keys = sorted(sums)
@@ -249,15 +263,15 @@ def train(cfg, algorithm_cls, stop_after=None):
     `stop_after` ends the run early as if it had been interrupted there (the resume test uses it)."""
     rank, world_size, device = setup_distributed(cfg)
     out_dir = Path(cfg.out_dir)
-    per_step = cfg.micro_batch_size * world_size
-    assert cfg.batch_size % per_step == 0, (
-        f"batch_size={cfg.batch_size} must be divisible by micro_batch_size * world_size = {per_step}")
-    grad_accum = cfg.batch_size // per_step
+    micro_batch_size, grad_accum = split_batch(cfg.batch_size, cfg.micro_batch_size, world_size)
+    if micro_batch_size != cfg.micro_batch_size and rank == 0:
+        print(f"micro_batch_size {cfg.micro_batch_size} -> {micro_batch_size}: batch_size {cfg.batch_size} over "
+              f"{world_size} rank(s) is {cfg.batch_size // world_size} examples per rank per step")
     dtype = resolve_dtype(cfg, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     policy, tokenizer = build_policy(cfg, device)  # with LoRA adapters already, so pi_ref = adapters off
-    ctx = Context(device, rank, world_size, cfg.micro_batch_size, grad_accum, autocast)
+    ctx = Context(device, rank, world_size, micro_batch_size, grad_accum, autocast)
     algo = algorithm_cls(cfg, policy, tokenizer, ctx)
     apply_lora(algo.module, cfg)  # LoRA: adapters on any other LM the algorithm built (a critic); else a no-op
     module = algo.module.to(device)

@@ -256,10 +256,10 @@ def test_save_shards_above_the_size_and_transformers_loads_them(gpt2_dir, tmp_pa
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_a_model_built_here_exports_without_an_hf_source(kind, tmp_path):
-    from nanoalign.model import GPT, gpt2_config, llama_config
+    from nanoalign.model import GPT, GPTConfig, llama_config
     config = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32)
     torch.manual_seed(0)
-    model = GPT(gpt2_config(**config) if kind == "gpt2" else llama_config(**config, n_kv_head=2, qkv_bias=True)).eval()
+    model = GPT(GPTConfig(**config) if kind == "gpt2" else llama_config(**config, n_kv_head=2, qkv_bias=True)).eval()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(save_hf_model(model, tmp_path)).eval()
     assert reloaded.config.architectures == ["GPT2LMHeadModel" if kind == "gpt2" else "Qwen2ForCausalLM"]
     ids = torch.arange(20).view(2, 10)

@@ -275,3 +275,23 @@ def test_cli_online_dpo_with_an_llm_judge(prompt_file, tmp_path):
     out = train_main(tiny_args(prompt_file, tmp_path / "odpo", algo="online_dpo", judge=f"ckpt:{judge}"))
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert len(records) == 2 and all(math.isfinite(r["judge/position_bias"]) for r in records)
+
+
+def test_online_resume_is_exact_at_rollout_boundaries_and_refused_inside_a_rollout(prompt_file, tmp_path):
+    """rollout_batch_size 8 with batch 4: two optimizer steps per rollout. Periodic checkpoints (every step asked)
+    land on the boundaries; 4 steps straight == 2 steps + resume + 2 steps; a checkpoint at step 3 is refused."""
+    from nanoalign.algos.rloo import RLOO
+    from nanoalign.checkpoint import load_checkpoint
+    from nanoalign.trainer import train
+    args = dict(rollout_batch_size=8, samples_per_prompt=2, max_steps=4, ckpt_interval=1)
+    assert build(RLOO, tiny_args(prompt_file, tmp_path / "b", **args)).steps_per_rollout == 2
+    straight = train(load_config(tiny_args(prompt_file, tmp_path / "a", **args), algo_config), RLOO)
+    halves = tmp_path / "h"
+    train(load_config(tiny_args(prompt_file, halves, **args), algo_config), RLOO, stop_after=2)
+    train(load_config(tiny_args(prompt_file, halves, resume=True, **args), algo_config), RLOO)
+    a, b = load_checkpoint(straight)["model"], load_checkpoint(halves)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    inside = tmp_path / "inside"
+    train(load_config(tiny_args(prompt_file, inside, **args), algo_config), RLOO, stop_after=3)
+    with pytest.raises(ValueError, match="inside a rollout of 2 steps"):
+        train(load_config(tiny_args(prompt_file, inside, resume=True, **args), algo_config), RLOO)

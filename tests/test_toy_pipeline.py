@@ -23,7 +23,7 @@ from nanoalign.loading import load_model
 from nanoalign.config import load_config
 from nanoalign.data import read_jsonl
 from nanoalign.toy import frontier, pipeline
-from nanoalign.toy.evaluate import evaluate, model_sampler, sample_completions, sequence_logps
+from nanoalign.toy.evaluate import evaluate, model_sampler, sample_completions, completion_logps
 from nanoalign.toy.pipeline import RECIPES, prepare
 from nanoalign.toy.world import POSITIVE_ADJECTIVES, gold_reward
 from train import main as train_main
@@ -176,8 +176,8 @@ def test_kl_of_a_shifted_policy_is_positive_and_matches_the_exact_per_token_sum(
             exact.append(float((log_pi.exp() * (log_pi - log_ref)).sum()))
     exact_mean = sum(exact) / len(exact)
     assert abs(result["kl"] - exact_mean) < 4 * result["kl_se"]
-    sampled = (sequence_logps(policy, prompt_ids, samples, tokenizer.pad_id)
-               - sequence_logps(model, prompt_ids, samples, tokenizer.pad_id))
+    sampled = (completion_logps(policy, prompt_ids, samples, tokenizer.pad_id)
+               - completion_logps(model, prompt_ids, samples, tokenizer.pad_id))
     assert abs(float(sampled.mean()) - result["kl"]) < 1e-4  # evaluate's samples are these: same seed
 
 

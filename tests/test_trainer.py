@@ -164,3 +164,33 @@ def test_non_finite_weights_are_never_saved(sft_file, tmp_path):
     with pytest.raises(RuntimeError, match="not finite"):
         train(config(*tiny_args(sft_file, tmp_path, max_steps=2, dropout=0.0)), Poison)
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path)["model"].values())
+
+
+def test_the_micro_batch_is_derived_from_the_global_batch_and_the_world_size():
+    from nanoalign.config import ConfigError
+    from nanoalign.trainer import split_batch
+    assert split_batch(32, 8, 1) == (8, 4)
+    assert split_batch(32, 8, 8) == (4, 1)   # the README's 8-rank command: 4 examples per rank, no accumulation
+    assert split_batch(48, 8, 4) == (6, 2)   # 12 per rank: the largest micro-batch <= 8 that divides 12
+    with pytest.raises(ConfigError, match="does not split evenly over 3 ranks"):
+        split_batch(32, 8, 3)
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        split_batch(32, 0, 1)
+
+
+def test_help_lists_every_key_with_its_default_and_comment(capsys):
+    train_main(["--help"])
+    out = capsys.readouterr().out
+    assert "--lr=0.0001" in out and "peak learning rate" in out and " optimisation:" in out
+    train_main(["--algo=ppo", "-h"])
+    out = capsys.readouterr().out
+    assert "--algo=ppo keys:" in out and "--epochs=4" in out and "GAE lambda (D5)" in out
+    train_main(["--algo=ipo", "--help"])
+    assert "--loss_type='ipo'" in capsys.readouterr().out  # a variant shows its own defaults
+
+
+def test_a_user_error_is_one_line_and_exit_code_2(sft_file, tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "--lr=abc"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "train.py: error: config key 'lr' from the command line: expected float, got 'abc'"]

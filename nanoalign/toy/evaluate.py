@@ -52,7 +52,7 @@ def completion_text(tokenizer, completion_ids: list[int]) -> str:
 
 
 @torch.no_grad()
-def sequence_logps(model, prompt_ids, completion_ids, pad_id, batch_size=256, temperature=1.0) -> torch.Tensor:
+def completion_logps(model, prompt_ids, completion_ids, pad_id, batch_size=256, temperature=1.0) -> torch.Tensor:
     """sum_t log p(y_t | x, y_<t) over each completion (its EOS included), (N,) float32 on the CPU."""
     device = next(model.parameters()).device
     examples = [{"input_ids": p + c, "loss_mask": [0] * len(p) + [1] * len(c)} for p, c in zip(prompt_ids, completion_ids)]
@@ -115,8 +115,8 @@ def evaluate(policy, reference, tokenizer, prompts: list[str], n_samples: int = 
     result["win_rate"], result["win_rate_se"] = mean_and_se(wins)
     result["kl"], result["kl_se"] = None, None
     if policy is not None:
-        log_pi = sequence_logps(policy, policy_ids, ours, tokenizer.pad_id, batch_size, temperature)  # (N,)
-        log_ref = sequence_logps(reference, prompt_ids, ours, tokenizer.pad_id, batch_size)  # (N,)
+        log_pi = completion_logps(policy, policy_ids, ours, tokenizer.pad_id, batch_size, temperature)  # (N,)
+        log_ref = completion_logps(reference, prompt_ids, ours, tokenizer.pad_id, batch_size)  # (N,)
         result["kl"], result["kl_se"] = mean_and_se((log_pi - log_ref).tolist())  # sum_t log pi/pi_ref, averaged
     result["grammatical"] = sum(our_scores["grammatical"]) / len(ours)
     result["ref_grammatical"] = sum(their_scores["grammatical"]) / len(theirs)
