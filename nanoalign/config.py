@@ -17,13 +17,36 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 AlgoConfigs = Callable[[str], type | None]  # algorithm name -> its hyperparameter dataclass (or None)
 
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Range:
+    """A key's valid values, declared next to its default (`lr: Annotated[float, POSITIVE] = 1e-4`) and checked by
+    load_config for every key, the algorithm's included, before a run writes anything."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+
+    def __contains__(self, v):
+        return not ((self.low is not None and (v < self.low or self.low_open and v == self.low)) or
+                    (self.high is not None and (v > self.high or self.high_open and v == self.high)))
+
+    def __str__(self):
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+FRACTION, PROBABILITY = Range(0, 1), Range(0, 1, high_open=True)  # [0, 1] and [0, 1)
 
 
 @dataclass
@@ -35,40 +58,40 @@ class TrainConfig:
     init_from: str = ""  # "" -> toy world's SFT model; "scratch"; "ckpt:<dir>"; "hf:<dir>"
     tokenizer: str = "toy"  # used with init_from=scratch: "toy" | "bytes" | "gpt2" | "hf:<dir>"
     # model shape, used only with init_from=scratch
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # attention heads
-    n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 -> n_head
-    n_embd: int = 128  # residual width
-    block_size: int = 128  # maximum context length of the model
+    n_layer: Annotated[int, AT_LEAST_1] = 4  # transformer blocks
+    n_head: Annotated[int, AT_LEAST_1] = 4  # attention heads
+    n_kv_head: Annotated[int, NON_NEGATIVE] = 0  # key/value heads for grouped-query attention; 0 -> n_head
+    n_embd: Annotated[int, AT_LEAST_1] = 128  # residual width
+    block_size: Annotated[int, AT_LEAST_1] = 128  # maximum context length of the model
     arch: Literal["gpt2", "llama"] = "gpt2"  # learned pos + LayerNorm + GELU, or RoPE + RMSNorm + SwiGLU
-    dropout: float = 0.0  # dropout probability inside the model
-    max_len: int = 128  # max tokens per example; the prompt is cut from the left to fit
+    dropout: Annotated[float, PROBABILITY] = 0.0  # dropout probability inside the model
+    max_len: Annotated[int, Range(2)] = 128  # max tokens per example; the prompt is cut from the left to fit
     # optimisation
-    max_steps: int = 200  # optimizer steps
-    batch_size: int = 32  # examples per optimizer step, summed over all ranks
-    micro_batch_size: int = 8  # examples per forward pass on one rank; accumulation fills the rest
-    lr: float = 1e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 10  # linear warmup from 0 to lr
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip the global grad norm to this; 0 -> off
-    max_nonfinite_steps: int = 3  # stop after this many steps in a row with a non-finite loss or grad norm
+    max_steps: Annotated[int, AT_LEAST_1] = 200  # optimizer steps
+    batch_size: Annotated[int, AT_LEAST_1] = 32  # examples per optimizer step, summed over all ranks
+    micro_batch_size: Annotated[int, AT_LEAST_1] = 8  # examples per forward pass on one rank; accumulation fills the rest
+    lr: Annotated[float, POSITIVE] = 1e-4  # peak learning rate
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: Annotated[int, NON_NEGATIVE] = 10  # linear warmup from 0 to lr
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0  # AdamW decoupled weight decay
+    adam_beta1: Annotated[float, PROBABILITY] = 0.9  # AdamW beta1
+    adam_beta2: Annotated[float, PROBABILITY] = 0.95  # AdamW beta2
+    grad_clip: Annotated[float, NON_NEGATIVE] = 1.0  # clip the global grad norm to this; 0 -> off
+    max_nonfinite_steps: Annotated[int, AT_LEAST_1] = 3  # stop after this many steps in a row with a non-finite loss or grad norm
     # system
     device: str = "auto"  # "auto" -> cuda if available else cpu; or "cpu", "cuda", "cuda:1", "mps"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; "auto" -> bfloat16 where supported
     compile: bool = False  # torch.compile the model
     seed: int = 1337  # seeds the model init, the data order and sampling
-    log_interval: int = 10  # log metrics every this many steps
-    eval_interval: int = 0  # evaluate every this many steps; 0 -> never
-    eval_batches: int = 10  # micro-batches per evaluation
-    ckpt_interval: int = 0  # save a checkpoint every this many steps; 0 -> only at the end
+    log_interval: Annotated[int, AT_LEAST_1] = 10  # log metrics every this many steps
+    eval_interval: Annotated[int, NON_NEGATIVE] = 0  # evaluate every this many steps; 0 -> never
+    eval_batches: Annotated[int, AT_LEAST_1] = 10  # micro-batches per evaluation
+    ckpt_interval: Annotated[int, NON_NEGATIVE] = 0  # save a checkpoint every this many steps; 0 -> only at the end
     resume: bool = False  # continue from out_dir/ckpt.pt (same data order, same step)
     # LoRA (Hu et al. 2021); lora_rank=0 trains all weights
-    lora_rank: int = 0  # rank r of the low-rank update; 0 -> no LoRA
-    lora_alpha: float = 16.0  # the update is scaled by alpha / r
-    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_rank: Annotated[int, NON_NEGATIVE] = 0  # rank r of the low-rank update; 0 -> no LoRA
+    lora_alpha: Annotated[float, POSITIVE] = 16.0  # the update is scaled by alpha / r
+    lora_dropout: Annotated[float, PROBABILITY] = 0.0  # dropout on the LoRA input
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated module names that get adapters
 
 
@@ -174,13 +197,19 @@ def _build(layers: list[tuple[str, dict]], algo_configs: AlgoConfigs | None):
     algo_cls = algo_configs(algo) if algo_configs is not None else None
     config_cls = _config_class(algo_cls)
     types_by_key = typing.get_type_hints(config_cls)
-    resolved = {}
+    resolved, sources = {}, {}
     for source, values in layers:
         for key, value in values.items():
             if key not in types_by_key:
                 raise ConfigError(_unknown_key_message(key, source, list(types_by_key), algo))
-            resolved[key] = _convert(key, value, types_by_key[key], source)
-    return config_cls(**resolved)
+            resolved[key], sources[key] = _convert(key, value, types_by_key[key], source), source
+    cfg = config_cls(**resolved)
+    for key, hint in typing.get_type_hints(config_cls, include_extras=True).items():
+        for valid in getattr(hint, "__metadata__", ()):
+            if isinstance(valid, Range) and getattr(cfg, key) not in valid:
+                raise ConfigError(f"config key {key!r} from {sources.get(key, 'the defaults')}: {getattr(cfg, key)!r} "
+                                  f"is not {valid}")
+    return cfg
 
 
 @functools.cache  # one class per algorithm, so configs built twice compare equal
@@ -188,7 +217,7 @@ def _config_class(algo_cls: type | None) -> type:
     """One flat dataclass `Config` with TrainConfig's fields followed by the algorithm's."""
     fields = []
     for cls in (TrainConfig, algo_cls) if algo_cls is not None else (TrainConfig,):
-        hints = typing.get_type_hints(cls)  # resolves string annotations (from __future__ import annotations)
+        hints = typing.get_type_hints(cls, include_extras=True)  # keeps each key's Range
         for f in dataclasses.fields(cls):
             fields.append((f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory)))
     names = [name for name, _, _ in fields]
