@@ -157,13 +157,6 @@ def matmul_peak(device, dtype, n=None, repeats=10):
     return 2 * n ** 3 / best / 1e9
 
 
-def set_switches(spec):
-    import nanoalign.data
-    import nanoalign.logps
-    nanoalign.logps.USE_FUSED_HEAD = spec["logps"] == "fused"
-    nanoalign.data.BUCKET_BY_LENGTH = spec["bucket"] == "1"
-
-
 def attention_flops_per_token(model, T):
     c = model.cfg
     return 4 * c.n_layer * c.n_head * c.head_dim * T  # QK^T and AV, forward, full (not causal-halved) T x T
@@ -236,7 +229,8 @@ def make_algorithm(spec, device, model, autocast, workdir, workload, data=None):
     args = [f"--algo={spec['algo']}", f"--data={data}", f"--batch_size={workload['batch']}",
             f"--micro_batch_size={workload['micro']}", f"--max_len={model.cfg.block_size}",
             f"--max_steps={spec['warmup'] + spec['steps']}", "--init_from=scratch", "--tokenizer=bytes",
-            f"--out_dir={workdir}", f"--dtype={DTYPES[spec['dtype']]}", "--dropout=0.0", *lora_args(spec)]
+            f"--out_dir={workdir}", f"--dtype={DTYPES[spec['dtype']]}", "--dropout=0.0", *lora_args(spec),
+            f"--fused_logps={spec.get('logps', 'fused') == 'fused'}", f"--bucket_by_length={spec.get('bucket', '1') == '1'}"]
     keys = {f.name for f in dataclasses.fields(algo_cls.Config)} if algo_cls.Config else set()
     online = {"ref_logps": spec["ref_logps"], "reward_model": "gold", "rollout_batch_size": rollout["batch"],
               "max_new_tokens": rollout["new"], "rollout_micro_batch": rollout["batch"],
@@ -330,7 +324,6 @@ def run_one(spec):
     device = torch.device(spec["device"])
     if spec["algo"] == "matmul":
         return dict(gflops=matmul_peak(device, getattr(torch, DTYPES[spec["dtype"]])))
-    set_switches(spec)
     bf16 = spec["dtype"] == "bf16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     model = build_model(spec["model"], device)

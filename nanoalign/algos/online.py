@@ -38,9 +38,9 @@ def no_scores(prompts, responses):
     return torch.zeros(len(prompts))
 
 
-def sequence_logps(model, batch, temperature):
+def sequence_logps(model, batch, temperature, fused=True):
     """(per-token log-probs (B, R), their sum over each response (B,), response lengths (B,))."""
-    per_token = response_logps(model, batch, temperature)  # (B, R), 0 on padding
+    per_token = response_logps(model, batch, temperature, fused)  # (B, R), 0 on padding
     return per_token, per_token.sum(1), batch["response_mask"].sum(1)
 
 
@@ -58,7 +58,7 @@ class OnlineAlgorithm(Algorithm):
         max_prompt_len = max(1, self.max_len - cfg.max_new_tokens)
         self.prompts = load_examples(cfg.data, "prompt", tokenizer, cfg.max_len, max_prompt_len, log=self.log)
         self.scorer = get_scorer(cfg.reward_model, ctx.device) if cfg.reward_model else no_scores
-        self.reference = Reference(policy) if self.uses_reference else None
+        self.reference = Reference(policy, fused=cfg.fused_logps) if self.uses_reference else None
         rows = ctx.micro_batch_size * ctx.grad_accum  # this rank's rows per optimizer step
         if rows % self.rows_per_prompt:
             raise ValueError(f"{self.name}: micro_batch_size * grad_accum = {rows} rows per rank per step must be a "
@@ -73,14 +73,15 @@ class OnlineAlgorithm(Algorithm):
         c, cfg = self.ctx, self.cfg
         first, steps_done = divmod(start_step, cfg.epochs)  # rollout in progress, steps of it already taken
         prompt_stream = micro_batches(self.prompts, self.prompts_per_rollout, 1, c.rank, c.world_size, cfg.seed,
-                                      first, lambda e: collate(e, self.tokenizer.pad_id))
+                                      first, lambda e: collate(e, self.tokenizer.pad_id), cfg.bucket_by_length)
         for r in itertools.count(first):
             seed = cfg.seed + 1_000_003 * (r * c.world_size + c.rank + 1)  # a distinct stream per rollout and rank
             rollout = generate_rollout(
                 self.policy, self.tokenizer, next(prompt_stream)["prompt_ids"], self.samples_per_prompt,
                 cfg.max_new_tokens, self.scorer, temperature=cfg.temperature, reference=self.reference,
                 batch_size=cfg.generation_batch_size, generator=torch.Generator(c.device).manual_seed(seed),
-                autocast=c.autocast, recompute_logprobs=self.uses_reference)  # full forwards: KL = 0 at pi_ref
+                autocast=c.autocast, recompute_logprobs=self.uses_reference,  # full forwards: KL = 0 at pi_ref
+                fused=cfg.fused_logps)
             rollout.scores -= cfg.missing_eos_penalty * (~rollout.eos).float()  # TRL's missing_eos_penalty
             self.rollout_metrics = {"objective/scores": rollout.scores.mean(),
                                     "val/num_eos_tokens": rollout.eos.float().sum(),

@@ -175,7 +175,8 @@ class PPO(Algorithm):
             print(f"ppo: dropout={cfg.dropout} ignored; PPO runs without dropout (D9)")
         self.scorer = get_scorer(cfg.reward_model, ctx.device)
         self.monitor = get_scorer(cfg.monitor_reward, ctx.device) if cfg.monitor_reward else None
-        self.reference = Reference(policy)  # a frozen copy (eval mode: D9, no dropout), or under LoRA adapters off
+        # a frozen copy (eval mode: D9, no dropout), or under LoRA adapters off
+        self.reference = Reference(policy, fused=cfg.fused_logps)
         self.module = ActorCritic(policy, self.make_critic(policy) if cfg.critic == "separate" else None)
         no_dropout(self.module)                                                   # D9
         max_prompt_len = cfg.max_len - cfg.max_new_tokens
@@ -225,7 +226,8 @@ class PPO(Algorithm):
         cfg, ctx, start = self.cfg, self.ctx, time.perf_counter()
         r = generate_rollout(self.policy, self.tokenizer, prompt_ids, cfg.samples_per_prompt, cfg.max_new_tokens,
                              self.scorer, cfg.temperature, cfg.top_k, cfg.top_p, self.reference,
-                             cfg.rollout_micro_batch, autocast=ctx.autocast, recompute_logprobs=cfg.recompute_logprobs)
+                             cfg.rollout_micro_batch, autocast=ctx.autocast, recompute_logprobs=cfg.recompute_logprobs,
+                             fused=cfg.fused_logps)
         R, mask = r.response_mask.shape[1], r.response_mask
         self.module.eval()
         with ctx.autocast():
