@@ -2,7 +2,8 @@
 (B, T, V) tensor, through DDP and torch.compile wrappers), length-bucketed micro-batches (same examples per
 step, same chunks under any (world, accum) split, exact resume, less padding, same DPO step), fused AdamW on CPU
 (same steps as the for-loop AdamW), generate()'s inverse-CDF sampling (same distribution as torch.multinomial) and
-its prefill (head on the last position only; KV cache in the autocast dtype); and a benchmark smoke run.
+its prefill (head on the last position only; KV cache in the autocast dtype); and a benchmark smoke run
+(python bench/bench.py).
 """
 import contextlib
 import json
@@ -456,11 +457,25 @@ def test_generate_head_on_last_prompt_position_and_autocast_kv_cache(name, monke
 
 
 # ---------------------------------------------------------------------------------------- the benchmark runs
-def test_benchmark_smoke():
-    run = subprocess.run([sys.executable, "-m", "nanoalign.bench", "--models=toy", "--algos=dpo,nonexistent",
-                          "--dtypes=fp32", "--devices=cpu", "--steps=1", "--warmup=0", "--threads=1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_benchmark_smoke_in_gpu_check_mode_on_cpu():
+    """python bench/bench.py as a user runs it, in the --gpu-check mode (DPO, PPO, generate) on the CPU and the toy
+    model, without compile (minutes of C++ builds on a CPU); an unknown algorithm gets a note, not a failure."""
+    run = subprocess.run([sys.executable, "bench/bench.py", "--gpu-check", "--devices=cpu", "--models=toy",
+                          "--compile=0", "--algos=dpo,ppo,generate,nonexistent", "--steps=1", "--warmup=0",
+                          "--threads=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    row = [line for line in run.stdout.splitlines() if line.startswith("| cpu | toy")][-1].split("|")
-    assert row[5].strip() == "dpo" and float(row[10]) > 0 and float(row[11]) > 0  # tokens/s and peak MB
+    rows = {cells[5].strip(): cells for line in run.stdout.splitlines() if line.startswith("| cpu | toy")
+            for cells in [line.split("|")]}
+    assert set(rows) == {"dpo", "ppo rollout", "ppo update", "generate"}, run.stdout
+    for cells in rows.values():
+        assert cells[4].strip() == "bf16" and float(cells[10]) > 0 and float(cells[11]) > 0  # tokens/s, peak MB
     assert "nonexistent: not in the registry" in run.stdout
+
+
+def test_bench_gpu_peaks_by_device_name():
+    if str(ROOT / "bench") not in sys.path:  # as `python bench/bench.py` finds its modules
+        sys.path.insert(0, str(ROOT / "bench"))
+    from bench import datasheet_gflops
+    assert datasheet_gflops("NVIDIA H200") == 989e3 and datasheet_gflops("NVIDIA A100-SXM4-80GB") == 312e3
+    assert datasheet_gflops("NVIDIA L40S") == 362e3 and datasheet_gflops("NVIDIA L4") == 121e3
+    assert datasheet_gflops("Some Future GPU") is None  # then the measured matmul is the MFU denominator
