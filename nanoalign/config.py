@@ -82,6 +82,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" -> cuda if available else cpu; or "cpu", "cuda", "cuda:1", "mps"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; "auto" -> bfloat16 where supported
     compile: bool = False  # torch.compile the model
+    fused_logps: bool = True  # log-probs through the fused head (logps.batch_logps); False -> full logits (plain)
+    bucket_by_length: bool = True  # sort each global batch by length before cutting micro-batches (less padding)
     seed: int = 1337  # seeds the model init, the data order and sampling
     log_interval: Annotated[int, AT_LEAST_1] = 10  # log metrics every this many steps
     eval_interval: Annotated[int, NON_NEGATIVE] = 0  # evaluate every this many steps; 0 -> never

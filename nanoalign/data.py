@@ -299,7 +299,6 @@ def load_examples(path, fmt: str, tok, max_len: int, max_prompt_len: int | None 
 
 
 # ---------------------------------------------------------------------------------------------- batching
-BUCKET_BY_LENGTH = True  # micro_batches' default: sort each global batch by length (benchmarks switch it off)
 TOKEN_FIELDS = ("input_ids", "loss_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "prompt_ids")
 
 
@@ -359,7 +358,7 @@ def row_lengths(example) -> list[int] | None:
 
 def micro_batches(examples: list, micro_batch_size: int, grad_accum: int, rank: int, world_size: int,
                   seed: int, start_step: int, collate_fn: Callable[[list], dict],
-                  bucket: bool | None = None) -> Iterator[dict]:
+                  bucket: bool = True) -> Iterator[dict]:
     """Yield this rank's micro-batches forever, grad_accum per optimizer step, starting at start_step.
 
     The global batch of step s (micro_batch_size * grad_accum * world_size examples) is the s-th
@@ -369,7 +368,7 @@ def micro_batches(examples: list, micro_batch_size: int, grad_accum: int, rank: 
     same examples per step, and a resumed run (start_step = steps done) continues exactly where the crashed one
     stopped.
     Without bucketing, rank r's micro-step m gets chunk r * grad_accum + m of the permutation's order.
-    With bucketing (bucket=None -> BUCKET_BY_LENGTH, on; only for tokenised examples) the global batch is first
+    With bucketing (bucket=True: the run config's bucket_by_length; only tokenised examples) the global batch is first
     sorted by length (stable: ties keep the permutation's order) before it is cut, so each micro-batch holds
     similar lengths and is padded less; sorted chunk j goes to rank j % world_size, micro-step j // world_size, so
     ranks get similar lengths. The chunks of a step depend only on the global batch and micro_batch_size, so DDP
@@ -382,7 +381,7 @@ def micro_batches(examples: list, micro_batch_size: int, grad_accum: int, rank: 
     if len(examples) < global_batch:
         raise DataError(f"the dataset has {len(examples)} examples, fewer than one global batch of {global_batch} "
                         f"(micro_batch_size {micro_batch_size} x grad_accum {grad_accum} x world_size {world_size})")
-    bucket = (BUCKET_BY_LENGTH if bucket is None else bucket) and row_lengths(examples[0]) is not None
+    bucket = bucket and row_lengths(examples[0]) is not None
     step, cached_epoch, permutation = start_step, None, None
     steps_per_epoch = len(examples) // global_batch
     while True:
@@ -403,7 +402,7 @@ def micro_batches(examples: list, micro_batch_size: int, grad_accum: int, rank: 
 
 
 def padding_fraction(examples: list, micro_batch_size: int, grad_accum: int, world_size: int, seed: int = 0,
-                     bucket: bool | None = None) -> float:
+                     bucket: bool = True) -> float:
     """Fraction of the positions in one epoch's right-padded micro-batches that are padding (all ranks together).
     A preference micro-batch pads its 2B chosen and rejected rows to one length, as collate does."""
     global_batch = micro_batch_size * grad_accum * world_size

@@ -15,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (rows x vocab): 128 MB in float32
-USE_FUSED_HEAD = True  # False: batch_logps runs the plain version (for debugging and the benchmark's ablation)
 
 
 def token_logps(logits, targets):
@@ -98,15 +97,16 @@ def hidden_states_and_head(model, input_ids, attention_mask):
     return model(input_ids, attention_mask, return_hidden=True), head
 
 
-def batch_logps(model, input_ids, loss_mask, attention_mask=None, temperature=1.0):
+def batch_logps(model, input_ids, loss_mask, attention_mask=None, temperature=1.0, fused=True):
     """Sum and count of completion-token log-probs per row; chosen and rejected rows go through in ONE forward.
 
     input_ids, loss_mask: (B, T), loss_mask[:, t] = 1 where token t is a completion token (EOS included).
     Returns logps (B,), counts (B,), token_logps (B, T-1) where token_logps[:, t] = log p(input_ids[:, t+1]),
     zero where masked. A fully masked row gives logps = 0 and counts = 0 (average with counts.clamp(min=1): no NaN).
     Same values as batch_logps_plain; logits exist only for completion positions, one chunk at a time.
+    fused=False runs batch_logps_plain instead (the run config's fused_logps: debugging, the benchmark's ablation).
     """
-    found = hidden_states_and_head(model, input_ids, attention_mask) if USE_FUSED_HEAD else None
+    found = hidden_states_and_head(model, input_ids, attention_mask) if fused else None
     if found is None:
         return batch_logps_plain(model, input_ids, loss_mask, attention_mask, temperature)
     hidden, head = found                                       # (B, T, C)

@@ -4,7 +4,8 @@ pi_ref is the policy's initial weights. `Reference(policy, copy=True)` keeps a f
 `copy=False` answers with `policy` itself, which is right only before the first optimizer step (the precompute
 pass of the offline algorithms) or when `policy` is already a separate frozen model. Under LoRA there is never a
 copy: pi_ref is the policy with its adapters disabled, exactly the base weights. Every query runs in eval mode (no
-dropout) under no_grad and puts the model's train/eval mode back afterwards.
+dropout) under no_grad and puts the model's train/eval mode back afterwards; `fused` is batch_logps' (the run's
+fused_logps).
 
 `precompute` stores reference log-probs on a dataset's examples once, before training, so the offline algorithms
 keep no second model (DPO's default ref_logps="precompute"; TRL's precompute_ref_log_probs).
@@ -22,8 +23,8 @@ from nanoalign.rollout import response_logps
 
 
 class Reference:
-    def __init__(self, policy, copy=True):
-        self.policy = policy
+    def __init__(self, policy, copy=True, fused=True):
+        self.policy, self.fused = policy, fused
         keep_copy = copy and not lora_layers(policy)  # LoRA: the adapters off are pi_ref, no copy
         self.frozen = copy_module.deepcopy(policy).requires_grad_(False).eval() if keep_copy else None
 
@@ -43,13 +44,13 @@ class Reference:
     def logps(self, input_ids, loss_mask):
         """Summed completion log-probs (B,) under pi_ref (batch_logps)."""
         with self.model() as model:
-            return batch_logps(model, input_ids, loss_mask)[0]
+            return batch_logps(model, input_ids, loss_mask, fused=self.fused)[0]
 
     @torch.no_grad()
     def response_logps(self, batch, temperature=1.0):
         """Per-token log-probs (B, R) of a rollout's responses under pi_ref at the sampling temperature."""
         with self.model() as model:
-            return response_logps(model, batch, temperature)
+            return response_logps(model, batch, temperature, self.fused)
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ def response_logits_to_logps(logits, batch, temperature=1.0):
     return token_logps(logits / temperature, targets) * rows["response_mask"]  # (B, R)
 
 
-def response_logps(model, batch, temperature=1.0):
+def response_logps(model, batch, temperature=1.0, fused=True):
     """log pi(y_t | x, y_<t) of every response token under `model` (a GPT, or a DDP / compiled wrapper of one), at
     the sampling temperature. batch: a Rollout or a dict with input_ids, attention_mask, response_mask.
     -> (B, R) in the layout of Rollout.logprobs, 0 on padding. Uses the one log-prob helper (batch_logps)."""
@@ -84,7 +84,7 @@ def response_logps(model, batch, temperature=1.0):
     R = response_mask.shape[1]
     P = input_ids.shape[1] - R
     loss_mask = torch.cat([torch.zeros_like(input_ids[:, :P], dtype=response_mask.dtype), response_mask], 1)  # (B, P+R)
-    _, _, per_token = batch_logps(model, input_ids, loss_mask, rows["attention_mask"], temperature)  # (B, P+R-1)
+    _, _, per_token = batch_logps(model, input_ids, loss_mask, rows["attention_mask"], temperature, fused)  # (B, P+R-1)
     return per_token[:, P - 1:]                                              # (B, R): column t+1 predicted at t
 
 
@@ -111,13 +111,14 @@ def _pad_to(x, width, value, left):
 @torch.no_grad()
 def generate_rollout(policy, tokenizer, prompt_ids, samples_per_prompt, max_new_tokens, scorer, temperature=1.0,
                      top_k=0, top_p=1.0, reference=None, batch_size=64, generator=None, autocast=None,
-                     recompute_logprobs=False):
+                     recompute_logprobs=False, fused=True):
     """Sample `samples_per_prompt` responses to each prompt (lists of token ids), score and reference them.
 
     policy: the UNWRAPPED GPT (generation needs no DDP). reference: a reference.Reference (one no-grad forward of
     the rollout, chunked) or None.
     scorer(prompts, responses) -> (N,) float. batch_size: rows per generate / forward call. autocast: a zero-
-    argument callable giving the autocast context (the trainer's ctx.autocast) or None. Returns a Rollout on the
+    argument callable giving the autocast context (the trainer's ctx.autocast) or None. fused: batch_logps' switch
+    for recompute_logprobs. Returns a Rollout on the
     policy's device; max_new_tokens is cut so that the longest prompt still fits the model's block_size.
     """
     autocast = autocast or contextlib.nullcontext
@@ -147,7 +148,7 @@ def generate_rollout(policy, tokenizer, prompt_ids, samples_per_prompt, max_new_
     def forward_logps(model):
         restore = _eval_mode(model)
         with autocast():
-            out = _chunked(lambda b: response_logps(model, b, temperature).float(), batch, batch_size)
+            out = _chunked(lambda b: response_logps(model, b, temperature, fused).float(), batch, batch_size)
         restore()
         return out * response_mask
 

@@ -92,7 +92,7 @@ class Algorithm:
         Default: length-bucketed, reshuffled passes over `self.examples` (data.micro_batches)."""
         c = self.ctx
         return micro_batches(self.examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size, self.cfg.seed,
-                             start_step, self.collate)
+                             start_step, self.collate, bucket=self.cfg.bucket_by_length)
 
     def loss(self, model, batch):
         """(scalar loss, metrics dict) for one micro-batch. `model` is self.module wrapped by DDP / torch.compile."""

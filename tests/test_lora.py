@@ -393,31 +393,44 @@ def test_cli_ppo_two_steps_with_lora_on_policy_and_critic_from_a_lora_reward_mod
     assert isinstance(load_model(f"ckpt:{out}")[0], GPT)  # the policy loads for sampling / the next stage
 
 
-# --- the benchmark's lora key (python -m nanoalign.bench --lora=0,16): configuration and what it counts ---
+# --- the benchmark's lora key (python bench/bench.py --lora=0,16): configuration and what it counts ---
+
+def bench_modules():
+    """bench/bench.py and bench/common.py, imported as `python bench/bench.py` finds them (bench/ on sys.path)."""
+    folder = str(Path(__file__).resolve().parents[1] / "bench")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import bench
+    import common
+    return bench, common
+
 
 def test_bench_lora_key_configures_the_run_as_the_cli_does_and_counts_adapter_state_only(tmp_path):
     """The toy benchmark model: 4 layers, n_embd 128, adapters on q/k/v/o_proj (TrainConfig's default targets), each
     128 -> 128 at rank 4: A (4, 128) + B (128, 4) = 1024, so 4 layers * 4 * 1024 = 16384 trainable parameters.
     AdamW keeps exp_avg and exp_avg_sq (fp32) and a 4-byte step counter per trained tensor; one fp32 gradient each."""
-    from nanoalign import bench
+    bench, common = bench_modules()
     cpu = torch.device("cpu")
     spec = dict(algo="dpo", model="toy", dtype="fp32", device="cpu", logps="fused", bucket="1", ref_logps="live",
                 compile="0", lora="4", lora_targets="", warmup=0, steps=1)
-    assert bench.lora_args({**spec, "lora": "0"}) == []
-    assert bench.lora_args(spec) == ["--lora_rank=4", "--lora_alpha=8"]
-    assert bench.lora_args({**spec, "lora_targets": "q_proj,up_proj"})[-1] == "--lora_targets=q_proj,up_proj"
+    switches = ["--fused_logps=True", "--bucket_by_length=True"]
+    assert common.switch_args({**spec, "lora": "0"}) == switches
+    assert common.switch_args(spec) == switches + ["--lora_rank=4", "--lora_alpha=8"]
+    assert common.switch_args({**spec, "lora_targets": "q_proj,up_proj"})[-1] == "--lora_targets=q_proj,up_proj"
+    assert common.switch_args({**spec, "logps": "plain", "bucket": "0"})[:2] == ["--fused_logps=False",
+                                                                                 "--bucket_by_length=False"]
     workload = dict(prompt=(4, 8), completion=(4, 12), batch=4, micro=2)
-    algo, cfg = bench.make_algorithm(spec, cpu, bench.build_model("toy", cpu), contextlib.nullcontext, tmp_path,
-                                     workload)
+    algo, cfg = common.make_algorithm(spec, cpu, common.build_model("toy", cpu), contextlib.nullcontext, tmp_path,
+                                      workload)
     assert (cfg.lora_rank, cfg.lora_alpha) == (4, 8.0) and len(lora_layers(algo.policy)) == 16
     assert algo.reference.frozen is None  # the live reference is the policy with adapters off: no copy
 
-    lora = bench.bench_algorithm(spec, cpu, bench.build_model("toy", cpu), contextlib.nullcontext, tmp_path, workload)
+    lora = common.time_algorithm(spec, cpu, common.build_model("toy", cpu), contextlib.nullcontext, tmp_path, workload)
     assert lora["trainable"] == 16384
     assert lora["optimizer_state_bytes"] == 2 * 4 * 16384 + 4 * 32 and lora["grad_bytes"] == 4 * 16384
-    model = bench.build_model("toy", cpu)
+    model = common.build_model("toy", cpu)
     n_params, n_tensors = sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
-    full = bench.bench_algorithm({**spec, "lora": "0"}, cpu, model, contextlib.nullcontext, tmp_path, workload)
+    full = common.time_algorithm({**spec, "lora": "0"}, cpu, model, contextlib.nullcontext, tmp_path, workload)
     assert full["trainable"] == n_params
     assert full["optimizer_state_bytes"] == 2 * 4 * n_params + 4 * n_tensors and full["grad_bytes"] == 4 * n_params
 

@@ -2,8 +2,10 @@
 (B, T, V) tensor, through DDP and torch.compile wrappers), length-bucketed micro-batches (same examples per
 step, same chunks under any (world, accum) split, exact resume, less padding, same DPO step), fused AdamW on CPU
 (same steps as the for-loop AdamW), generate()'s inverse-CDF sampling (same distribution as torch.multinomial) and
-its prefill (head on the last position only; KV cache in the autocast dtype); and a benchmark smoke run.
+its prefill (head on the last position only; KV cache in the autocast dtype); and a benchmark smoke run
+(python bench/bench.py).
 """
+import contextlib
 import json
 import os
 import random
@@ -17,7 +19,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import nanoalign.data
 import nanoalign.logps
 from nanoalign.data import micro_batches, padding_fraction
 from nanoalign.logps import batch_logps, batch_logps_plain
@@ -103,17 +104,18 @@ def test_fully_masked_batch_gives_zero_logps_and_zero_gradients():
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
-def test_fractional_mask_weights_and_plain_switch(monkeypatch):
-    """A loss_mask of weights is applied as the plain version applies it; USE_FUSED_HEAD=False is the plain path."""
+def test_fractional_mask_weights_and_plain_switch():
+    """A loss_mask of weights is applied as the plain version applies it; fused=False is the plain path."""
     model = make("gpt2")
     ids, mask = batch()
     mask[0, 5:] = 0.5
     assert_same(values_and_grads(batch_logps, model, ids, mask), values_and_grads(batch_logps_plain, model, ids, mask),
                 rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(nanoalign.logps, "USE_FUSED_HEAD", False)
     seen = []
     model.lm_head.register_forward_hook(lambda module, inputs, out: seen.append(out.shape))
     batch_logps(model, ids, mask)
+    assert seen == []  # fused: the head's matmul runs inside CompletionLogps, not as a module
+    batch_logps(model, ids, mask, fused=False)
     assert seen == [(4, 20, V)]  # plain: the head ran on every position
 
 
@@ -260,11 +262,11 @@ def test_padding_fraction_by_hand_and_bucketing_cuts_it():
     assert padding_fraction(pairs, 4, 4, 2, bucket=True) < padding_fraction(pairs, 4, 4, 2, bucket=False)
 
 
-def test_bucketing_is_the_default_and_plain_lists_are_not_sorted(monkeypatch):
+def test_bucketing_is_the_default_and_plain_lists_are_not_sorted():
     examples = sft_examples(16)
-    assert stream_ids(examples, 2, 4, 1, 1, 2, bucket=None) == stream_ids(examples, 2, 4, 1, 1, 2, bucket=True)
-    monkeypatch.setattr(nanoalign.data, "BUCKET_BY_LENGTH", False)
-    assert stream_ids(examples, 2, 4, 1, 1, 2, bucket=None) == stream_ids(examples, 2, 4, 1, 1, 2, bucket=False)
+    default = micro_batches(examples, 2, 4, 0, 1, 1, 0, lambda ex: [e["id"] for e in ex])
+    assert [next(default) for _ in range(8)] == [m for step in stream_ids(examples, 2, 4, 1, 1, 2, True) for m in step[0]]
+    assert stream_ids(examples, 2, 4, 1, 1, 2, True) != stream_ids(examples, 2, 4, 1, 1, 2, False)
     ints = micro_batches(list(range(8)), 2, 2, 0, 1, 0, 0, list, bucket=True)  # not tokenised: order untouched
     assert next(ints) == next(micro_batches(list(range(8)), 2, 2, 0, 1, 0, 0, list, bucket=False))
 
@@ -311,22 +313,41 @@ def step_gradient(algo, start_step):
     return {name: p.grad.clone() for name, p in algo.policy.named_parameters()}
 
 
-def test_dpo_step_gradient_is_the_same_with_and_without_bucketing(tmp_path, monkeypatch):
+def test_dpo_step_gradient_is_the_same_with_and_without_bucketing(tmp_path):
     """DPO's loss is a mean over pairs and micro-batches have equal sizes, so an optimizer step's gradient does
     not depend on which pairs share a micro-batch (the policy is moved off pi_ref first so the gradient is not ~0)."""
     algo = dpo_algorithm(preference_file(tmp_path / "prefs.jsonl"), tmp_path)
     with torch.no_grad():
         for p in algo.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    monkeypatch.setattr(nanoalign.data, "BUCKET_BY_LENGTH", True)
+    assert algo.cfg.bucket_by_length  # the default
     micro = next(algo.batches(1))
     assert micro["input_ids"].shape[1] < max(len(e["chosen_ids"]) for e in algo.examples)  # bucketing is at work
     bucketed = step_gradient(algo, 1)
-    monkeypatch.setattr(nanoalign.data, "BUCKET_BY_LENGTH", False)
+    algo.cfg.bucket_by_length = False  # --bucket_by_length=false
     plain = step_gradient(algo, 1)
     for name in plain:
         scale = plain[name].abs().max().item()
         assert (bucketed[name] - plain[name]).abs().max().item() <= 1e-5 * scale + 1e-9, name
+
+
+def test_fused_logps_key_switches_the_dpo_loss_and_reference_to_the_plain_path(tmp_path):
+    """--fused_logps=false: the policy's loss and the live reference's forward run the head on every position."""
+    from nanoalign.algos.dpo import DPO
+    from nanoalign.config import load_config
+    from nanoalign.loading import build_policy
+    from nanoalign.trainer import Context
+    from train import algo_config
+    data = preference_file(tmp_path / "prefs.jsonl")
+    for fused in (True, False):
+        cfg = load_config(dpo_args(data, tmp_path, ref_logps="live", fused_logps=fused), algo_config)
+        policy, tokenizer = build_policy(cfg, torch.device("cpu"))
+        algo = DPO(cfg, policy, tokenizer, Context(torch.device("cpu"), 0, 1, 2, 4, contextlib.nullcontext))
+        seen = []
+        for model in (algo.policy, algo.reference.frozen):
+            model.lm_head.register_forward_hook(lambda module, inputs, out: seen.append(out.shape))
+        algo.loss(algo.policy, next(algo.batches(0)))
+        assert len(seen) == (0 if fused else 2), fused  # plain: the policy's and pi_ref's (4, T, vocab) logits
 
 
 @pytest.mark.slow
@@ -436,11 +457,25 @@ def test_generate_head_on_last_prompt_position_and_autocast_kv_cache(name, monke
 
 
 # ---------------------------------------------------------------------------------------- the benchmark runs
-def test_benchmark_smoke():
-    run = subprocess.run([sys.executable, "-m", "nanoalign.bench", "--models=toy", "--algos=dpo,nonexistent",
-                          "--dtypes=fp32", "--devices=cpu", "--steps=1", "--warmup=0", "--threads=1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_benchmark_smoke_in_gpu_check_mode_on_cpu():
+    """python bench/bench.py as a user runs it, in the --gpu-check mode (DPO, PPO, generate) on the CPU and the toy
+    model, without compile (minutes of C++ builds on a CPU); an unknown algorithm gets a note, not a failure."""
+    run = subprocess.run([sys.executable, "bench/bench.py", "--gpu-check", "--devices=cpu", "--models=toy",
+                          "--compile=0", "--algos=dpo,ppo,generate,nonexistent", "--steps=1", "--warmup=0",
+                          "--threads=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    row = [line for line in run.stdout.splitlines() if line.startswith("| cpu | toy")][-1].split("|")
-    assert row[5].strip() == "dpo" and float(row[10]) > 0 and float(row[11]) > 0  # tokens/s and peak MB
+    rows = {cells[5].strip(): cells for line in run.stdout.splitlines() if line.startswith("| cpu | toy")
+            for cells in [line.split("|")]}
+    assert set(rows) == {"dpo", "ppo rollout", "ppo update", "generate"}, run.stdout
+    for cells in rows.values():
+        assert cells[4].strip() == "bf16" and float(cells[10]) > 0 and float(cells[11]) > 0  # tokens/s, peak MB
     assert "nonexistent: not in the registry" in run.stdout
+
+
+def test_bench_gpu_peaks_by_device_name():
+    if str(ROOT / "bench") not in sys.path:  # as `python bench/bench.py` finds its modules
+        sys.path.insert(0, str(ROOT / "bench"))
+    from bench import datasheet_gflops
+    assert datasheet_gflops("NVIDIA H200") == 989e3 and datasheet_gflops("NVIDIA A100-SXM4-80GB") == 312e3
+    assert datasheet_gflops("NVIDIA L40S") == 362e3 and datasheet_gflops("NVIDIA L4") == 121e3
+    assert datasheet_gflops("Some Future GPU") is None  # then the measured matmul is the MFU denominator

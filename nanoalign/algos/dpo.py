@@ -184,7 +184,7 @@ class DPO(Algorithm):
         self.examples, self.eval_examples = self.load_data("preference")
         self.reference = None
         if cfg.loss_type not in REFERENCE_FREE:
-            self.reference = Reference(policy, copy=cfg.ref_logps == "live")
+            self.reference = Reference(policy, copy=cfg.ref_logps == "live", fused=cfg.fused_logps)
             if cfg.ref_logps == "precompute":
                 for examples in (self.examples, self.eval_examples):
                     precompute(examples, ("ref_chosen_logps", "ref_rejected_logps"), self.reference_logps,
@@ -199,7 +199,8 @@ class DPO(Algorithm):
         return {"ref_chosen_logps": logps[:B], "ref_rejected_logps": logps[B:]}
 
     def loss(self, model, batch):
-        logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])  # one forward, (2B,)
+        logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"],  # one forward, (2B,)
+                                       fused=self.cfg.fused_logps)
         B = logps.shape[0] // 2
         chosen, rejected = logps[:B], logps[B:]
         ref = {}

@@ -65,7 +65,7 @@ class GRPO(OnlineAlgorithm):
 
     def loss(self, model, batch):
         cfg = self.cfg
-        logp, _, _ = sequence_logps(model, batch, cfg.temperature)  # (B, R) per-token log pi
+        logp, _, _ = sequence_logps(model, batch, cfg.temperature, cfg.fused_logps)  # (B, R) per-token log pi
         old_logp = batch["logprobs"] if cfg.epochs > 1 else logp.detach()  # pi_old (= pi when on-policy)
         loss, clipfrac, kl = grpo_loss(logp, old_logp, batch["ref_logprobs"], batch["advantages"],
                                        batch["response_mask"], clip=cfg.cliprange, kl_coef=cfg.kl_coef,

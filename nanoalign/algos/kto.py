@@ -154,7 +154,7 @@ class KTO(Algorithm):
         for examples in (self.examples, self.eval_examples):
             if examples:
                 add_mismatched_pairs(examples, cfg.seed, max_len, n_bos)
-        self.reference = Reference(policy, copy=cfg.ref_logps == "live")
+        self.reference = Reference(policy, copy=cfg.ref_logps == "live", fused=cfg.fused_logps)
         if cfg.ref_logps == "precompute":
             for examples in (self.examples, self.eval_examples):
                 precompute(examples, ("ref_logps", "ref_kl_logps"), self.reference_logps, self.collate, ctx)
@@ -173,9 +173,10 @@ class KTO(Algorithm):
                 "ref_kl_logps": self.reference.logps(batch["kl_input_ids"], batch["kl_loss_mask"])}
 
     def loss(self, model, batch):
-        logps, _, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])  # (B,)
+        fused = self.cfg.fused_logps
+        logps, _, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"], fused=fused)  # (B,)
         with torch.no_grad():  # z0 is detached: no graph for the mismatched pairs
-            kl_logps, _, _ = batch_logps(model, batch["kl_input_ids"], batch["kl_loss_mask"])  # (B,)
+            kl_logps, _, _ = batch_logps(model, batch["kl_input_ids"], batch["kl_loss_mask"], fused=fused)  # (B,)
         ref = batch if "ref_logps" in batch else self.reference_logps(batch)
         good = batch["label"]  # (B,) bool, True = desirable
         losses, chosen_rewards, rejected_rewards, kl = kto_loss(

@@ -46,9 +46,9 @@ def no_scores(prompts, responses):
     return torch.zeros(len(prompts))
 
 
-def sequence_logps(model, batch, temperature):
+def sequence_logps(model, batch, temperature, fused=True):
     """(per-token log-probs (B, R), their sum over each response (B,), response lengths (B,))."""
-    per_token = response_logps(model, batch, temperature)  # (B, R), 0 on padding
+    per_token = response_logps(model, batch, temperature, fused)  # (B, R), 0 on padding
     return per_token, per_token.sum(1), batch["response_mask"].sum(1)
 
 
@@ -70,7 +70,7 @@ class OnlineAlgorithm(Algorithm):
         self.prompts = load_examples(cfg.data, "prompt", tokenizer, cfg.max_len, max_prompt_len, log=self.log)
         self.scorer = get_scorer(cfg.reward_model, ctx.device) if cfg.reward_model else no_scores
         self.monitor = get_scorer(cfg.monitor_reward, ctx.device) if cfg.monitor_reward else None
-        self.reference = Reference(policy) if self.uses_reference else None
+        self.reference = Reference(policy, fused=cfg.fused_logps) if self.uses_reference else None
         rollout_rows = cfg.rollout_batch_size or cfg.batch_size  # over all ranks
         if rollout_rows % cfg.batch_size or rollout_rows % (ctx.world_size * self.rows_per_prompt):
             raise ValueError(f"{self.name}: rollout_batch_size={rollout_rows} must be a multiple of batch_size="
@@ -87,7 +87,7 @@ class OnlineAlgorithm(Algorithm):
         c, cfg = self.ctx, self.cfg
         first = start_step // self.steps_per_rollout  # the trainer resumes at rollout boundaries only
         prompt_stream = micro_batches(self.prompts, self.prompts_per_rollout, 1, c.rank, c.world_size, cfg.seed,
-                                      first, lambda e: collate(e, self.tokenizer.pad_id))
+                                      first, lambda e: collate(e, self.tokenizer.pad_id), cfg.bucket_by_length)
         for r in itertools.count(first):
             seed = cfg.seed + 1_000_003 * (r * c.world_size + c.rank + 1)  # a distinct stream per rollout and rank
             rollout = generate_rollout(
@@ -95,7 +95,7 @@ class OnlineAlgorithm(Algorithm):
                 cfg.max_new_tokens, self.scorer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                 reference=self.reference, batch_size=cfg.generation_batch_size,
                 generator=torch.Generator(c.device).manual_seed(seed), autocast=c.autocast,
-                recompute_logprobs=self.recompute_logprobs)
+                recompute_logprobs=self.recompute_logprobs, fused=cfg.fused_logps)
             rollout.scores -= cfg.missing_eos_penalty * (~rollout.eos).float()  # TRL's missing_eos_penalty
             self.rollout_metrics = {"objective/scores": rollout.scores.mean(),
                                     "val/num_eos_tokens": rollout.eos.float().sum(),

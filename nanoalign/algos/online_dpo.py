@@ -91,7 +91,7 @@ class OnlineDPO(OnlineAlgorithm):
     def loss(self, model, batch):
         both = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])  # one forward for chosen + rejected
                 for k in ("input_ids", "attention_mask", "response_mask")}
-        _, logps, counts = sequence_logps(model, both, self.cfg.temperature)  # (2B,)
+        _, logps, counts = sequence_logps(model, both, self.cfg.temperature, self.cfg.fused_logps)  # (2B,)
         B = logps.shape[0] // 2
         chosen, rejected = logps[:B], logps[B:]
         reference_free = self.cfg.loss_type in REFERENCE_FREE

@@ -87,7 +87,8 @@ class ORPO(Algorithm):
         self.examples, self.eval_examples = self.load_data("preference")
 
     def loss(self, model, batch):
-        logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])  # one forward, (2B,)
+        logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"],  # one forward, (2B,)
+                                       fused=self.cfg.fused_logps)
         B = logps.shape[0] // 2
         avg = logps / counts.clamp(min=1)  # per-token average log-probs, (2B,)
         nll = sft_loss(logps[:B], counts[:B])  # token-mean NLL of the chosen answers (L_SFT)

@@ -70,6 +70,7 @@ class RAFT(OnlineAlgorithm):
         return {k: rows[k][best] for k in ("input_ids", "attention_mask", "response_mask")}
 
     def loss(self, model, batch):
-        _, logps, counts = sequence_logps(model, batch, 1.0)  # the model's own log pi(y | x) summed, lengths (B,)
+        # the model's own log pi(y | x) summed, lengths (B,)
+        _, logps, counts = sequence_logps(model, batch, 1.0, self.cfg.fused_logps)
         loss = sft_loss(logps, counts)
         return loss, {"nll_loss": loss.detach(), **self.rollout_metrics}

@@ -75,7 +75,7 @@ class RLOO(OnlineAlgorithm):
         return rollout.batch(advantages=advantages, old_logps=rollout.logprobs.sum(1))
 
     def loss(self, model, batch):
-        _, logps, _ = sequence_logps(model, batch, self.cfg.temperature)  # log pi(y_i | x)  (B,)
+        _, logps, _ = sequence_logps(model, batch, self.cfg.temperature, self.cfg.fused_logps)  # log pi(y_i | x)  (B,)
         old_logps = batch["old_logps"] if self.cfg.epochs > 1 else logps.detach()  # on-policy: rho = 1 exactly
         loss, clipfrac = rloo_loss(logps, old_logps, batch["advantages"], self.cfg.cliprange)
         return loss, {"policy/clipfrac_avg": clipfrac, "loss/policy_avg": loss.detach(), **self.rollout_metrics}

@@ -26,7 +26,7 @@ class SFT(Algorithm):
         self.examples, self.eval_examples = self.load_data("sft")
 
     def loss(self, model, batch):
-        logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"])
+        logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"], fused=self.cfg.fused_logps)
         loss = sft_loss(logps, counts)
         return loss, {"nll_loss": loss.detach(), "num_tokens": counts.sum()}
 

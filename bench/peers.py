@@ -3,12 +3,13 @@ DPO training steps vs TRL's DPOTrainer, and generate() vs transformers' generate
 
     python -m venv --system-site-packages /tmp/trlvenv           # reuses the installed torch
     /tmp/trlvenv/bin/pip install --no-deps trl accelerate datasets dill multiprocess xxhash pyarrow pandas psutil
-    /tmp/trlvenv/bin/python -m nanoalign.bench --peers --threads=1 --clock=cpu --repeats=3
+    /tmp/trlvenv/bin/python bench/bench.py --peers --threads=1 --clock=cpu --repeats=3
 
-trl / transformers / datasets are imported only here, lazily: they are peers, not dependencies. One random
+trl / transformers / datasets are imported only here, inside the functions that use them: they are peers, not
+dependencies. One random
 GPT-2-shaped model (GPT2LMHeadModel, seed 0) and a byte-level tokenizer without merges (id = byte value, so both
 libraries see identical token ids) are saved once as a Hugging Face directory; TRL loads it with from_pretrained,
-nanoalign with nanoalign.hf.load_hf_model (its hf:<dir> path). Every measurement runs in a fresh subprocess (peak
+nanoalign with nanoalign.hf.weights.load_hf_model (its hf:<dir> path). Every measurement runs in a fresh subprocess (peak
 RSS / CUDA memory is its own); the libraries alternate within each repeat, and the table shows medians over repeats
 and the median of the per-repeat ratios. Step time = time between the ends of consecutive optimizer steps (data
 loading, forward, backward, clipping, AdamW), after one warmup step; reference log-probs are either precomputed
@@ -31,46 +32,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from nanoalign.bench import MODELS, ROLLOUT, write_data
+from common import MODELS, ROLLOUT, SWITCHES, Memory, autocast_for, make_clock, sync, time_algorithm, write_data
+from nanoalign.hf.tokenizer import bytes_to_unicode
+from nanoalign.hf.weights import load_hf_model
 
 DPO_SHAPE = dict(prompt=(16, 48), completion=(16, 64), batch=4, micro=4)  # pairs per step: one micro-batch
 DEFAULTS = dict(model="gpt2", dtypes="fp32,bf16", repeats="3", steps="3", threads="", clock="wall",
                 tasks="dpo,generate", json="")
-
-
-def status_mb(field):
-    """VmRSS (current) or VmHWM (peak since start or since the last reset_peak) of this process, from /proc."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class Memory:
-    """Peak memory of the run phase: CPU resident set (Linux VmHWM, reset when the weights are loaded, so loading
-    code does not count) or CUDA max allocated; load_peak_mb keeps the peak of everything before."""
-
-    def __init__(self, device):
-        self.device, self.load_peak_mb, self.loaded_mb = device, 0.0, 0.0
-
-    def loaded(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.loaded_mb = torch.cuda.memory_allocated(self.device) / 2**20
-            return
-        self.load_peak_mb = status_mb("VmHWM")
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        self.loaded_mb = status_mb("VmRSS")  # libraries + weights: the run's growth is measured above this
-
-    def peak_mb(self):
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return status_mb("VmHWM")
 
 
 # ------------------------------------------------------------------------------------------ shared files
@@ -78,9 +50,9 @@ def prepare(workdir, model_name):
     """The HF model directory (random GPT-2 weights + byte tokenizer) and the preference JSONL, written once."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    from nanoalign.hf.tokenizer import bytes_to_unicode
     shape = MODELS[model_name][0]
-    assert shape["arch"] == "gpt2", "the peer comparison builds GPT2LMHeadModel"
+    if shape["arch"] != "gpt2":
+        raise SystemExit(f"--model={model_name}: the peer comparison builds GPT2LMHeadModel, give a GPT-2 shape")
     config = GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["block_size"], n_embd=shape["n_embd"],
                         n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
                         attn_pdrop=0.0, bos_token_id=256, eos_token_id=256, pad_token_id=257)
@@ -92,7 +64,8 @@ def prepare(workdir, model_name):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    assert hf_tok.eos_token_id == 256 and hf_tok.pad_token_id == 257
+    if (hf_tok.eos_token_id, hf_tok.pad_token_id) != (256, 257):
+        raise RuntimeError(f"byte tokenizer: eos {hf_tok.eos_token_id}, pad {hf_tok.pad_token_id}, not 256 and 257")
     hf_tok.save_pretrained(model_dir)
     write_data(Path(workdir) / "prefs.jsonl", "preference", DPO_SHAPE, n_rows=DPO_SHAPE["batch"])
     return model_dir
@@ -108,8 +81,7 @@ def trl_dpo(spec, model_dir, data, device, clock, memory):
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             ends.append(clock())
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -129,16 +101,13 @@ def trl_dpo(spec, model_dir, data, device, clock, memory):
 
 
 def nanoalign_dpo(spec, model_dir, data, device, clock, memory):
-    import nanoalign.bench as bench
-    from nanoalign.hf.weights import load_hf_model
     model, _ = load_hf_model(model_dir, device)
     memory.loaded()
-    bench.clock = clock
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if spec["dtype"] == "bf16" else \
-        (lambda: torch.autocast(device.type, enabled=False))
-    run = dict(algo="dpo", dtype=spec["dtype"], ref_logps=spec["ref"], compile="0", warmup=1, steps=spec["steps"])
+    run = {**SWITCHES, "algo": "dpo", "dtype": spec["dtype"], "ref_logps": spec["ref"], "warmup": 1,
+           "steps": spec["steps"]}
     with tempfile.TemporaryDirectory() as workdir:
-        result = bench.bench_algorithm(run, device, model, autocast, workdir, DPO_SHAPE, data)
+        result = time_algorithm(run, device, model, autocast_for(spec["dtype"], device), workdir, DPO_SHAPE, data,
+                                clock)
     return result["step_times"]
 
 
@@ -154,23 +123,21 @@ def generate_times(spec, model_dir, device, clock, memory):
                       min_new_tokens=shape["new"], eos_token_id=None, pad_token_id=257, use_cache=True)
         call = lambda: model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device), **kwargs)  # noqa: E731
     else:
-        from nanoalign.hf.weights import load_hf_model
         model = load_hf_model(model_dir, device)[0].eval()
         call = lambda: model.generate(prompts.tolist(), shape["new"], temperature=1.0, eos_id=None)  # noqa: E731
     memory.loaded()
     times = []
     for _ in range(1 + spec["steps"]):
         torch.manual_seed(len(times))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = clock()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16"):
             out = call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(clock() - t0)
     n_new = (out.tokens.shape[1] if hasattr(out, "tokens") else out.shape[1] - shape["prompt"])
-    assert n_new == shape["new"], f"{spec['lib']} generated {n_new} tokens, not {shape['new']}"
+    if n_new != shape["new"]:
+        raise RuntimeError(f"{spec['lib']} generated {n_new} tokens, not {shape['new']}: the runs are not comparable")
     return times[1:]
 
 
@@ -178,7 +145,7 @@ def run_one(spec):
     if spec["threads"]:
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    clock = time.process_time if spec["clock"] == "cpu" and device.type == "cpu" else time.perf_counter
+    clock = make_clock(spec["clock"], device)
     memory = Memory(device)
     if spec["task"] == "generate":
         times = generate_times(spec, spec["model_dir"], device, clock, memory)
@@ -192,8 +159,10 @@ def run_one(spec):
 
 # ------------------------------------------------------------------------------------------ driver
 def child(spec):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, "-m", "nanoalign.bench_peers", f"--child={json.dumps(spec)}"],
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, __file__, f"--child={json.dumps(spec)}"],
                          capture_output=True, text=True, env=env, timeout=3600)
     if run.returncode != 0:
         raise RuntimeError(f"{spec['lib']} {spec['task']} failed:\n{run.stderr[-3000:]}")
