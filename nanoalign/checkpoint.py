@@ -17,12 +17,24 @@ def checkpoint_path(spec):
 
 
 def save_checkpoint(path, **state):
-    """Write to a temp file, then rename: a crash mid-write never leaves a truncated ckpt.pt."""
+    """Write to a temp file of this process's own, fsync it, rename it over `path`, fsync the folder: a crash or a
+    power cut mid-write leaves the previous ckpt.pt whole, and two writers never share a temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
 
 
 def load_checkpoint(spec, device="cpu"):

@@ -89,7 +89,8 @@ class TrainConfig:
     eval_interval: Annotated[int, NON_NEGATIVE] = 0  # evaluate every this many steps; 0 -> never
     eval_batches: Annotated[int, AT_LEAST_1] = 10  # micro-batches per evaluation
     ckpt_interval: Annotated[int, NON_NEGATIVE] = 0  # save a checkpoint every this many steps; 0 -> only at the end
-    resume: bool = False  # continue from out_dir/ckpt.pt (same data order, same step)
+    resume: bool = False  # continue from out_dir/ckpt.pt (same data order, same step); an error without one
+    overwrite: bool = False  # start again in an out_dir that already holds a run (else the run refuses it)
     # LoRA (Hu et al. 2021); lora_rank=0 trains all weights
     lora_rank: Annotated[int, NON_NEGATIVE] = 0  # rank r of the low-rank update; 0 -> no LoRA
     lora_alpha: Annotated[float, POSITIVE] = 16.0  # the update is scaled by alpha / r

@@ -24,6 +24,7 @@ from nanoalign.checkpoint import load_checkpoint, save_checkpoint
 from nanoalign.config import ConfigError, config_to_dict
 from nanoalign.data import collate, load_examples, micro_batches, to_device
 from nanoalign.loading import apply_lora, build_policy, load_trainable_state, trainable_state
+from nanoalign.rundir import check_resumable, claim, trim_metrics
 
 
 @dataclass
@@ -177,6 +178,24 @@ def lr_at(step, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def agree(claim_out_dir, rank, world_size):
+    """Run claim_out_dir on rank 0 and make every rank raise its error, if any (else all would wait at the first
+    collective for a rank that is gone). Returns rank 0's lock file, None elsewhere."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = claim_out_dir()
+        except ConfigError as err:
+            error = str(err)
+    if world_size > 1:
+        message = [error]
+        dist.broadcast_object_list(message, src=0)
+        error = message[0]
+    if error:
+        raise ConfigError(error)
+    return lock
+
+
 def split_batch(batch_size, micro_batch_size, world_size):
     """(micro batch, accumulation steps) for a global batch over world_size ranks, as nanoGPT derives them: each rank
     takes batch_size / world_size examples per step in micro-batches of the largest size <= micro_batch_size that
@@ -260,9 +279,20 @@ def train_step(model, module, algo, optimizer, batches, grad_clip, on_micro_batc
 
 def train(cfg, algorithm_cls, stop_after=None):
     """Run `algorithm_cls` with config `cfg` to cfg.max_steps; returns the out dir (ckpt.pt, metrics.jsonl).
-    `stop_after` ends the run early as if it had been interrupted there (the resume test uses it)."""
+    `stop_after` ends the run early as if it had been interrupted there (the resume test uses it). The out dir is
+    claimed first (rundir.claim: refused if it holds another run, locked for this run's life)."""
     rank, world_size, device = setup_distributed(cfg)
     out_dir = Path(cfg.out_dir)
+    lock = agree(lambda: claim(out_dir, cfg.resume, cfg.overwrite), rank, world_size)  # before anything is written
+    try:
+        return run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
+
+
+def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir):
+    """The loop itself, on a claimed out dir (see train)."""
     micro_batch_size, grad_accum = split_batch(cfg.batch_size, cfg.micro_batch_size, world_size)
     if micro_batch_size != cfg.micro_batch_size and rank == 0:
         print(f"micro_batch_size {cfg.micro_batch_size} -> {micro_batch_size}: batch_size {cfg.batch_size} over "
@@ -279,8 +309,9 @@ def train(cfg, algorithm_cls, stop_after=None):
 
     start_step = 0
     resume_from = out_dir / "ckpt.pt"
-    if cfg.resume and resume_from.exists():
+    if cfg.resume:
         ckpt = load_checkpoint(resume_from, device)
+        check_resumable(ckpt, algo.name, asdict(algo.policy.cfg), tokenizer.spec)
         load_trainable_state(module, ckpt)
         algo.load_state_dict(ckpt)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -303,7 +334,9 @@ def train(cfg, algorithm_cls, stop_after=None):
         n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
         print(f"{algo.name}: {n_train:,} trainable parameters of {sum(p.numel() for p in module.parameters()):,}; "
               f"{world_size} rank(s), grad_accum={grad_accum}, dtype={dtype}, device={device}")
-    log_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w") if rank == 0 else None  # a rerun starts afresh
+    if rank == 0 and start_step:
+        trim_metrics(out_dir / "metrics.jsonl", start_step)  # rows logged after the checkpoint come again
+    log_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w") if rank == 0 else None
 
     def save(step):
         weights = trainable_state(module, cfg)

@@ -89,7 +89,7 @@ import random
 from nanoalign.algos.grpo import GRPO
 from nanoalign.algos.online_dpo import OnlineDPO
 from nanoalign.algos.raft import RAFT, best_in_groups, best_of_n_sampler
-from nanoalign.algos.rl_math import best_of_n_kl
+from nanoalign.algos.raft import best_of_n_kl
 from nanoalign.algos.rloo import RLOO
 from nanoalign.config import load_config
 from nanoalign.rollout import Rollout

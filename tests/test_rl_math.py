@@ -8,10 +8,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanoalign.algos.rl_math import (AdaptiveKLController, FixedKLController, best_of_n_kl,
-                                     entropy_from_logits, gae, grpo_advantages, grpo_loss,
-                                     kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
-                                     ppo_rewards, ppo_value_loss, rloo_advantages)
+from nanoalign.algos.grpo import grpo_advantages, grpo_loss
+from nanoalign.algos.raft import best_of_n_kl
+from nanoalign.algos.rl_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_rewards,
+    ppo_value_loss,
+)
+from nanoalign.algos.rloo import rloo_advantages
 
 
 def ragged_mask(lengths, T):

@@ -9,7 +9,9 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from nanoalign.algos.rl_math import gae, grpo_advantages, ppo_policy_loss, rloo_advantages
+from nanoalign.algos.grpo import grpo_advantages
+from nanoalign.algos.rl_math import gae, ppo_policy_loss
+from nanoalign.algos.rloo import rloo_advantages
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -162,7 +162,7 @@ def test_non_finite_weights_are_never_saved(sft_file, tmp_path):
                 next(self.module.parameters()).fill_(float("inf"))
     train(config(*tiny_args(sft_file, tmp_path, max_steps=2, dropout=0.0)), SFT)
     with pytest.raises(RuntimeError, match="not finite"):
-        train(config(*tiny_args(sft_file, tmp_path, max_steps=2, dropout=0.0)), Poison)
+        train(config(*tiny_args(sft_file, tmp_path, max_steps=2, dropout=0.0, overwrite=True)), Poison)
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path)["model"].values())
 
 

@@ -36,8 +36,76 @@ KL knob: kl_coef (beta, the paper's 0.04). Default reward on the toy world: the 
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig, sequence_logps
-from nanoalign.algos.rl_math import grpo_advantages, grpo_loss
+from nanoalign.algos.rl_math import kl_penalty, masked_mean
+
+
+def grpo_advantages(rewards, k, eps=1e-4, scale=True):
+    """GRPO outcome-supervision advantages (Shao et al. 2024, DeepSeekMath Sec. 4.1.2, used in Eq. 3):
+
+        A_i = (r_i - mean(r)) / (std(r) + eps)       over the k samples of the same prompt
+
+    rewards: (B*k,) with the k samples of one prompt consecutive -> (B*k,), the same for every token.
+    std is the UNBIASED sample std (N-1): the paper does not say which; this is torch.std's default
+    and what TRL, OpenRLHF and verl use, so advantages match theirs (for k=2 the two conventions
+    differ by sqrt 2). A group of identical rewards gets exactly 0 (no learning signal), never NaN:
+    it is zeroed explicitly because float rounding of the mean leaves r - mean ~ 1e-7 in float32,
+    which divided by (std + eps) gives spurious advantages up to ~1e-3 (six rewards of 2.1).
+    scale=False drops the std division (Dr. GRPO, Liu et al. 2025, which argues the std
+    up-weights prompts that are too easy or too hard).
+    """
+    if k < 2:
+        raise ValueError("GRPO needs k >= 2 samples per prompt")
+    grouped = rewards.view(-1, k)                                     # (B, k)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)            # r_i - mean(r)
+    if scale:
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)  # / (std(r) + eps), unbiased std
+    same = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)       # no signal in this group  (B, 1)
+    return torch.where(same, torch.zeros_like(centered), centered).view(-1)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, kl_coef=0.0,
+              aggregation="seq_mean", clip_high=None):
+    """GRPO objective (Shao et al. 2024, DeepSeekMath Eq. 3), negated to a loss:
+
+        L = -1/G sum_i 1/|o_i| sum_t [min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta D_it]
+
+    with rho_it = pi(o_it) / pi_old(o_it) and D_it the k3 estimate of KL(pi || pi_ref) (Eq. 4).
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) one per sequence (outcome supervision).
+    Returns loss, clipfrac, kl (the last two detached; kl = token mean of k3, 0 if ref_logp is None).
+
+    aggregation:
+      "seq_mean"   (default) the paper's 1/|o_i| mean inside each sequence, then the mean over
+                   sequences. Every sequence weighs the same, so a token of a long answer weighs less:
+                   a long wrong answer is penalised less per token than a short one, a length bias
+                   toward long incorrect outputs (Dr. GRPO, Liu et al. 2025; DAPO Sec. 3.3).
+      "token_mean" the mean over all valid tokens of the batch (DAPO's token-level loss), which
+                   weighs every token the same; preferable for long reasoning traces.
+    The default is the paper's equation, so that a reader of Eq. 3 finds it here; token_mean is one
+    flag away. Departures: clip_high (DAPO's "clip-higher", eps_high != eps_low) is an option, off by
+    default; the mean runs over the (micro-)batch given, like ppo_policy_loss. Dr. GRPO's
+    alternative (divide the token sum by a constant length) is not implemented.
+    """
+    if aggregation not in ("seq_mean", "token_mean"):
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose 'seq_mean' or 'token_mean'")
+    mask = mask.to(logp.dtype)
+    adv = advantages.unsqueeze(1)                                     # A_i for every token  (B, 1)
+    ratio = torch.exp(logp - old_logp)                                # rho_it  (B, T)
+    clipped_ratio = ratio.clamp(1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
+    per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)      # -min(rho A, clip(rho) A)  (B, T)
+    clipfrac = masked_mean((clipped_ratio * adv < ratio * adv).float(), mask).detach()
+    kl = torch.zeros((), device=logp.device)
+    if ref_logp is not None:
+        kl_tokens = kl_penalty(logp, ref_logp, "k3")                  # D_it, Eq. 4  (B, T)
+        per_token = per_token + kl_coef * kl_tokens                   # + beta D_it
+        kl = masked_mean(kl_tokens.detach(), mask)
+    if aggregation == "seq_mean":
+        loss = masked_mean(per_token, mask, dim=1).mean()             # 1/G sum_i 1/|o_i| sum_t
+    else:
+        loss = masked_mean(per_token, mask)                           # sum_it / sum_i |o_i|
+    return loss, clipfrac, kl
 
 
 @dataclass

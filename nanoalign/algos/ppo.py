@@ -44,14 +44,11 @@ The details, each switchable in Config where one would ablate it (D-numbers are 
   D10 the reward model is fixed and scores are normalised (mean 0 / std 1 on reference samples, algos/rm.py), so
      beta is in reward-std units.
 
-How it plugs into the one loop: `batches()` runs a rollout phase (generate with the unwrapped policy under no_grad,
-score, reference and critic forwards, rewards, GAE, whitening), then yields the rollout's micro-batches for
-`epochs` epochs; `loss()` runs the policy and the critic through the wrapped module's ONE forward (DDP sees one
-forward per backward). The trainer's "step" is an OPTIMIZER step: each rollout of `rollout_batch_size` sequences
-(all ranks) gives rollout_batch_size / batch_size * epochs steps, so max_steps counts minibatch updates, not
-rollouts. Rollout time lands in the trainer's time/data_s (it happens inside next(batches)), updates in
-time/update_s. The rollout itself (prompts, sampling, reference, scores, the missing-EOS penalty) is the one every
-online algorithm shares (algos/online.py); PPO adds the critic's values, the per-token rewards and GAE (make_rows).
+How it plugs into the one loop: the rollout (prompts, sampling, reference, scores, missing-EOS penalty) is the one
+every online algorithm shares (algos/online.py); make_rows adds the critic's values, per-token rewards, GAE and
+whitening; `loss()` runs the policy and the critic through the wrapped module's ONE forward (DDP sees one forward
+per backward). A trainer step is an OPTIMIZER step: a rollout of `rollout_batch_size` sequences (all ranks) gives
+rollout_batch_size / batch_size * epochs of them; rollout time lands in time/data_s, updates in time/update_s.
 
 Departures: no pretraining-gradient mix (PPO-ptx); the losses are token means over each micro-batch (the trainer
 averages micro-batches); the value clip is in score units (TRL) with no value normalisation; entropy is reported as

@@ -23,12 +23,21 @@ This implementation differs from the RAFT paper in:
     cut at max_new_tokens (reward hacking; missing_eos_penalty > 0 removes the cut-off ones from the winners).
 Default reward on the toy world: the gold reward (reward_model="gold").
 """
+import math
 from dataclasses import dataclass
 
 import torch
 
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig, sequence_logps
 from nanoalign.algos.sft import sft_loss
+
+
+def best_of_n_kl(n):
+    """KL(best-of-n || base) = log n - (n - 1) / n, the analytic formula quoted by Stiennon et al. 2020
+    and Gao et al. 2022 (arXiv:2210.10760), derived by J. Hilton. Exact when the reward has no ties
+    (continuous outcomes); for discrete outcomes it is an upper bound (Beirami et al. 2024,
+    arXiv:2401.01879)."""
+    return math.log(n) - (n - 1) / n
 
 
 def best_in_groups(scores, n):

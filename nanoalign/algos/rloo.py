@@ -29,7 +29,22 @@ from typing import Literal
 import torch
 
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig, sequence_logps
-from nanoalign.algos.rl_math import kl_penalty, rloo_advantages
+from nanoalign.algos.rl_math import kl_penalty
+
+
+def rloo_advantages(rewards, k):
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, the RLOO estimator):
+
+        A_i = r_i - 1/(k-1) sum_{j != i} r_j   =   k/(k-1) (r_i - mean_j r_j)
+
+    rewards: (B*k,) sequence-level rewards, the k samples of one prompt CONSECUTIVE -> (B*k,).
+    The baseline excludes r_i, so it is independent of sample i and the gradient estimate unbiased.
+    """
+    if k < 2:
+        raise ValueError("RLOO needs k >= 2 samples per prompt")
+    grouped = rewards.view(-1, k)                                     # (B, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # mean of the other k-1  (B, k)
+    return (grouped - baseline).view(-1)
 
 
 def rloo_loss(logps, old_logps, advantages, clip=0.2):

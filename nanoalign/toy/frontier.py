@@ -26,8 +26,7 @@ import json
 from pathlib import Path
 
 from nanoalign.algos import algo_config
-from nanoalign.algos.raft import best_of_n_sampler
-from nanoalign.algos.rl_math import best_of_n_kl
+from nanoalign.algos.raft import best_of_n_kl, best_of_n_sampler
 from nanoalign.checkpoint import checkpoint_path, load_checkpoint
 from nanoalign.config import config_to_dict, load_config
 from nanoalign.data import read_jsonl
