@@ -4,10 +4,13 @@
 prompt per line. Prints each prompt with its samples.
 """
 import argparse
+import sys
 
 import torch
 
 import nanoalign.toy  # noqa: F401  (registers the toy world's tokenizer, which toy checkpoints name)
+from nanoalign.config import ConfigError
+from nanoalign.data import DataError
 from nanoalign.loading import load_model
 
 
@@ -53,4 +56,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:  # a missing run, a bad path or spec
+        print(f"sample.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -39,6 +39,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, FileNotFoundError) as err:  # the user's input, not a bug: one line, exit 2
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as err:  # the user's input, not a bug: one line, exit 2
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(2)

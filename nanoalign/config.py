@@ -88,8 +88,9 @@ class TrainConfig:
     log_interval: Annotated[int, AT_LEAST_1] = 10  # log metrics every this many steps
     eval_interval: Annotated[int, NON_NEGATIVE] = 0  # evaluate every this many steps; 0 -> never
     eval_batches: Annotated[int, AT_LEAST_1] = 10  # micro-batches per evaluation
-    ckpt_interval: Annotated[int, NON_NEGATIVE] = 0  # save a checkpoint every this many steps; 0 -> only at the end
+    ckpt_interval: Annotated[int, NON_NEGATIVE] = 100  # save a checkpoint every this many steps; 0 -> only at the end
     resume: bool = False  # continue from out_dir/ckpt.pt (same data order, same step); an error without one
+    ddp_timeout_s: Annotated[int, AT_LEAST_1] = 600  # a collective waits this long for a stalled rank, then all stop
     overwrite: bool = False  # start again in an out_dir that already holds a run (else the run refuses it)
     # LoRA (Hu et al. 2021); lora_rank=0 trains all weights
     lora_rank: Annotated[int, NON_NEGATIVE] = 0  # rank r of the low-rank update; 0 -> no LoRA

@@ -42,15 +42,19 @@ def read_jsonl(path, fmt: str) -> list[dict]:
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {FORMATS}")
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     rows = []
-    for line_number, line in enumerate(lines, start=1):
+    for line_number, raw in enumerate(lines, start=1):
+        where = f"{path}:{line_number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
         if not line.strip():
             continue
-        where = f"{path}:{line_number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:

@@ -7,10 +7,13 @@ accumulation from a total batch size, clipping, bf16 autocast, DDP under torchru
 checkpoints and exact resume.
 """
 import contextlib
+import datetime
 import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,7 +136,8 @@ def setup_distributed(cfg):
     if "RANK" not in os.environ:
         return 0, 1, torch.device(name)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if name.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if name.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.ddp_timeout_s))  # a stalled rank stops all
     device = torch.device(name)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -176,6 +180,34 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class StopSignal:
+    """SIGTERM and SIGINT (Ctrl-C, a scheduler's preemption) set a flag instead of killing the run mid-step; the loop
+    asks `requested` after each step (all ranks agree through one all_reduce) and saves before it exits. A second
+    signal of the same kind acts as usual. A context manager: the previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.name, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])  # the next one stops at once
+
+    def requested(self, world_size, device):
+        flag = torch.tensor(float(self.name is not None), device=device)
+        if world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.name = self.name or ("a signal on another rank" if flag.item() else None)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def agree(claim_out_dir, rank, world_size):
@@ -285,13 +317,14 @@ def train(cfg, algorithm_cls, stop_after=None):
     out_dir = Path(cfg.out_dir)
     lock = agree(lambda: claim(out_dir, cfg.resume, cfg.overwrite), rank, world_size)  # before anything is written
     try:
-        return run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir)
+        with StopSignal() as stop:
+            return run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     finally:
         if lock is not None:
             lock.close()  # releases the flock
 
 
-def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir):
+def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop):
     """The loop itself, on a claimed out dir (see train)."""
     micro_batch_size, grad_accum = split_batch(cfg.batch_size, cfg.micro_batch_size, world_size)
     if micro_batch_size != cfg.micro_batch_size and rank == 0:
@@ -397,7 +430,15 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir):
                 bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3g}" for k in shown if k in record})
             sums, n_micro, times = {}, 0, {"data": 0.0, "update": 0.0}
         save_due = save_due or bool(cfg.ckpt_interval) and (step + 1) % cfg.ckpt_interval == 0
-        if save_due and (step + 1) % algo.steps_per_rollout == 0 and not last:  # resume is exact at a boundary
+        boundary = (step + 1) % algo.steps_per_rollout == 0  # resume is exact at a rollout boundary
+        if boundary and stop.requested(world_size, device):  # SIGTERM / SIGINT: save, then stop
+            save(step + 1)
+            bar.close()
+            if log_file:
+                log_file.close()
+            raise SystemExit(f"stopped by {stop.name} after step {step + 1}; {out_dir / 'ckpt.pt'} holds it: rerun "
+                             "with --resume to continue")
+        if save_due and boundary and not last:
             save(step + 1)
             save_due = False
         if stop_after is not None and step + 1 == stop_after:

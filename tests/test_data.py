@@ -299,3 +299,21 @@ def test_conversational_rows_over_max_len_are_dropped_whole_and_counted(tmp_path
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": prompt}, {"prompt": [{"role": "user", "content": "y" * 80}]}])
     assert len(load_examples(prompts, "prompt", tok, 512, max_prompt_len=40, log=lines.append)) == 1
     assert lines[-1] == f"data {prompts}: kept 1 of 2 (dropped: too_long 1)"
+
+
+def test_non_utf8_bytes_name_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2: not UTF-8 \(byte 0xe9 at column 14\)"):
+        read_jsonl(path, "text")
+
+
+def test_a_broken_config_json_and_a_corrupt_safetensors_file_name_the_file(tmp_path):
+    from nanoalign.hf.config import read_hf_config
+    from nanoalign.hf.weights import read_weights
+    (tmp_path / "config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
+        read_hf_config(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot read the weights"):
+        read_weights(tmp_path)

@@ -275,6 +275,7 @@ def test_lora_checkpoint_holds_adapters_loads_merges_and_resumes(run_files, tmp_
     assert all(torch.equal(resumed[k], v) for k, v in ckpt["model"].items())
 
 
+@pytest.mark.integration
 def test_cli_dpo_two_steps_with_lora(run_files, tmp_path):
     out = tmp_path / "dpo"
     run = subprocess.run([sys.executable, "train.py", *run_args(run_files, out)], cwd=ROOT, capture_output=True,
@@ -363,6 +364,7 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(run_files, tmp_
     assert ppo.rollout_metrics["objective/kl"].item() > 1e-3  # the rollout's KL penalty used the same reference
 
 
+@pytest.mark.integration
 def test_cli_ppo_two_steps_with_lora_on_policy_and_critic_from_a_lora_reward_model(
         run_files, lora_reward_model, tmp_path, capsys):
     """PERL: the reward model, the policy and the critic (initialised from the reward model) all train adapters.
@@ -405,6 +407,7 @@ def bench_modules():
     return bench, common
 
 
+@pytest.mark.integration
 def test_bench_lora_key_configures_the_run_as_the_cli_does_and_counts_adapter_state_only(tmp_path):
     """The toy benchmark model: 4 layers, n_embd 128, adapters on q/k/v/o_proj (TrainConfig's default targets), each
     128 -> 128 at rank 4: A (4, 128) + B (128, 4) = 1024, so 4 layers * 4 * 1024 = 16384 trainable parameters.

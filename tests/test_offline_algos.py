@@ -215,6 +215,7 @@ def test_every_variant_runs_two_steps_and_logs_trl_metrics(algo, pref_file, tmp_
     assert expected <= records[-1].keys() and {f"eval/{k}" for k in expected} <= records[-1].keys()
 
 
+@pytest.mark.integration
 def test_cli_dpo_on_two_ranks_equals_one_process(pref_file, tmp_path):
     """torchrun with 2 ranks (each precomputes half of the 63 reference pairs, then all_gather) gives the losses of
     one process with accumulation 2: the gathered reference log-probs landed on the right examples."""

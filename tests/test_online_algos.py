@@ -259,6 +259,7 @@ EXPECTED_METRICS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("algo", sorted(EXPECTED_METRICS))
 def test_cli_two_steps(algo, prompt_file, tmp_path):
     k = {} if algo == "online_dpo" else {"samples_per_prompt": 2}  # online DPO always samples a pair

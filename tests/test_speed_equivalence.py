@@ -457,6 +457,7 @@ def test_generate_head_on_last_prompt_position_and_autocast_kv_cache(name, monke
 
 
 # ---------------------------------------------------------------------------------------- the benchmark runs
+@pytest.mark.integration
 def test_benchmark_smoke_in_gpu_check_mode_on_cpu():
     """python bench/bench.py as a user runs it, in the --gpu-check mode (DPO, PPO, generate) on the CPU and the toy
     model, without compile (minutes of C++ builds on a CPU); an unknown algorithm gets a note, not a failure."""

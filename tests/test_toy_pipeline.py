@@ -28,10 +28,9 @@ from nanoalign.toy.pipeline import RECIPES, prepare
 from nanoalign.toy.world import POSITIVE_ADJECTIVES, gold_reward
 from train import main as train_main
 
+pytestmark = pytest.mark.integration  # every test here builds or uses the tiny toy world on disk
 TINY = RECIPES["tiny"]
 STAGES = ("corpus", "base", "sft", "annotations")
-
-
 def config(*args):
     return load_config(list(args), algo_config)
 
@@ -309,3 +308,20 @@ def test_dpo_on_the_small_toy_world_beats_sft(tmp_path, monkeypatch):
     se = (result["gold_reward_se"] ** 2 + result["ref_gold_reward_se"] ** 2) ** 0.5
     assert result["gold_reward"] > result["ref_gold_reward"] + 3 * se and result["win_rate"] > 0.55
     assert result["kl"] > 0
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoint(toy, tmp_path, monkeypatch, capsys):
+    """The sft stage lost its stamp after its last checkpoint (as if killed before finishing): the next prepare
+    keeps the folder (its marker names the same key), resumes the run from that checkpoint and re-stamps it."""
+    root, _ = toy
+    copy_dir = tmp_path / "toy"
+    shutil.copytree(root, copy_dir)
+    monkeypatch.setenv("NANOALIGN_TOY_DIR", str(copy_dir))
+    (copy_dir / "sft" / "stamp.json").unlink()
+    before = load_checkpoint(copy_dir / "sft")
+    _, timings = prepare(config("--algo=sft", "--dtype=float32"), SFT, TINY)
+    assert timings["sft"] is not None and (copy_dir / "sft" / "stamp.json").exists()
+    out = capsys.readouterr().out
+    assert "toy world 3/4" in out and f"resumed from {copy_dir / 'sft' / 'ckpt.pt'} at step {before['step']}" in out
+    after = load_checkpoint(copy_dir / "sft")
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])

@@ -73,6 +73,7 @@ def test_bf16_autocast_step_close_to_fp32(sft_file, tmp_path):
     assert bf16[0] != fp32[0] and abs(bf16[0] - fp32[0]) / fp32[0] < 2e-2
 
 
+@pytest.mark.integration
 def test_ddp_two_processes_match_one(sft_file, tmp_path):
     """torchrun --nproc_per_node=2 (gloo) with micro 4 x 2 ranks == 1 process with micro 4 x accumulation 2."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -87,6 +88,7 @@ def test_ddp_two_processes_match_one(sft_file, tmp_path):
         assert abs(a - b) <= 1e-5 * abs(a)
 
 
+@pytest.mark.integration
 def test_cli_smoke_train_and_sample(sft_file, tmp_path):
     out = tmp_path / "cli"
     run = subprocess.run([sys.executable, "train.py", *tiny_args(sft_file, out, max_steps=2)], cwd=ROOT,
@@ -189,6 +191,7 @@ def test_help_lists_every_key_with_its_default_and_comment(capsys):
     assert "--loss_type='ipo'" in capsys.readouterr().out  # a variant shows its own defaults
 
 
+@pytest.mark.integration
 def test_a_user_error_is_one_line_and_exit_code_2(sft_file, tmp_path):
     run = subprocess.run([sys.executable, "train.py", "--lr=abc"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)

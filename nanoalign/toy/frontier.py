@@ -65,8 +65,9 @@ COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_s
 
 
 def run_training(argv: list[str]) -> None:
-    """`python train.py <argv>` without --data: a toy-world run, trained and evaluated (pipeline.toy_run)."""
-    toy_run(load_config(argv, algo_config))
+    """`python train.py <argv> --overwrite` without --data: a toy-world run, trained and evaluated (pipeline.toy_run);
+    the sweep has decided that the run's folder holds nothing worth keeping (an unfinished or stale run)."""
+    toy_run(load_config([*argv, "--overwrite"], algo_config))
 
 
 def requested_config(argv: list[str]) -> dict:

@@ -147,15 +147,29 @@ def stage_key(stage: str, recipe: Recipe, upstream: str = "") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_stage(directory: Path, key: str, build, rank: int, every_rank: bool) -> float | None:
+MARKER = ".nanoalign-stage"  # written first into every stage folder: only such folders are ever deleted
+
+
+def run_stage(directory: Path, key: str, build, rank: int, every_rank: bool, title: str = "") -> float | None:
     """Build `directory` unless its stamp matches `key`; returns the seconds spent, None when cached.
-    `build(directory)` runs on every rank (training) or on rank 0 only (writing files)."""
-    stamp = directory / "stamp.json"
+    `build(directory)` runs on every rank (training) or on rank 0 only (writing files). A stale stage folder is
+    deleted first, but only one the pipeline made (it holds MARKER); an interrupted build of the same stage (its
+    MARKER names this key) is kept, so a training stage resumes from its last checkpoint."""
+    stamp, marker = directory / "stamp.json", directory / MARKER
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
         return None
     start = time.perf_counter()
-    if rank == 0 and directory.exists():
-        shutil.rmtree(directory)  # a stale stage: nothing of it may survive (metrics.jsonl is appended to)
+    if rank == 0 and title:
+        print(title)
+    interrupted = marker.exists() and marker.read_text() == key
+    if rank == 0 and directory.exists() and not interrupted:
+        if not marker.exists() and not stamp.exists() and any(directory.iterdir()):
+            raise FileExistsError(f"{directory} holds files the toy pipeline did not make (no {MARKER}); move them "
+                                  "or point NANOALIGN_TOY_DIR at another folder")
+        shutil.rmtree(directory)  # a stale stage of ours: nothing of it may survive
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        marker.write_text(key)
     barrier()
     info = build(directory) if every_rank or rank == 0 else None
     seconds = time.perf_counter() - start
@@ -186,8 +200,9 @@ def stage_config(cfg, recipe: Recipe, **values):
     device = resolve_device(cfg.device)
     dtype = "float32" if cfg.dtype == "auto" and device == "cpu" else cfg.dtype
     system = {"device": device, "dtype": dtype, "compile": cfg.compile}
+    resume = (Path(values["out_dir"]) / "ckpt.pt").exists()  # an interrupted stage goes on from its checkpoint
     args = {"algo": "sft", "seed": recipe.seed, "micro_batch_size": micro, "warmup_steps": 20, "log_interval": 50,
-            **system, **values}
+            "ckpt_interval": 100, "resume": resume, "overwrite": not resume, **system, **values}
     return load_config([f"--{k}={v}" for k, v in args.items()], algo_config)
 
 
@@ -278,19 +293,22 @@ def prepare(cfg, algorithm_cls, recipe: Recipe | None = None):
     root = toy_dir()
     rank, _, device = setup_distributed(cfg)  # initialises the process group before the first barrier
     keys, timings, key = {}, {}, ""
-    stages = (("corpus", False, lambda d: build_corpus(d, recipe)),
-              ("base", True, lambda d: train_base(d, cfg, recipe)),
-              ("sft", True, lambda d: train_sft(d, cfg, recipe)),
-              ("annotations", False, lambda d: annotate(d, device, recipe)))
+    stages = (("corpus", False, lambda d: build_corpus(d, recipe), "writing the corpus"),
+              ("base", True, lambda d: train_base(d, cfg, recipe), "pretraining the base model, ~2 min on 2 cores"),
+              ("sft", True, lambda d: train_sft(d, cfg, recipe), "supervised fine-tuning, ~1 min"),
+              ("annotations", False, lambda d: annotate(d, device, recipe),
+               "sampling the SFT model and labelling pairs with the simulated annotators, ~30 s"))
     with build_lock(root, rank):
-        for stage, every_rank, build in stages:
+        for i, (stage, every_rank, build, what) in enumerate(stages, 1):
             keys[stage] = key = stage_key(stage, recipe, upstream=key)  # a changed stage changes all keys after it
-            timings[stage] = run_stage(root / stage, key, build, rank, every_rank)
+            title = f"toy world {i}/{len(stages)} ({root / stage}): {what}"
+            timings[stage] = run_stage(root / stage, key, build, rank, every_rank, title)
         fills = {}
         if getattr(cfg, "reward_model", None) == "" and cfg.algo in PROXY_RM_ALGOS:  # the proxy RM, built once
             keys["rm"] = stage_key("rm", recipe, keys["annotations"])
             timings["rm"] = run_stage(root / "rm", keys["rm"], lambda d: train_reward_model(d, cfg, device, recipe),
-                                      rank, True)
+                                      rank, True, f"toy world, PPO's proxy reward model ({root / 'rm'}): labelling "
+                                      "more pairs and training it, ~8 min on 2 cores")
             fills["reward_model"] = f"ckpt:{root / 'rm'}"
         elif getattr(cfg, "reward_model", None) == "":  # any other online run optimises the gold reward itself
             fills["reward_model"] = "gold"
