@@ -75,6 +75,9 @@ def requested_config(argv: list[str]) -> dict:
     return config_to_dict(load_config(argv, algo_config))
 
 
+RUN_KEYS = ("out_dir", "overwrite", "resume")  # how a run was started, not what it trained
+
+
 def finished_run(out_dir: Path, requested: dict) -> bool:
     """True when out_dir holds an evaluated run of the `requested` config that is newer than its inputs."""
     result, ckpt = out_dir / "eval.json", checkpoint_path(out_dir)
@@ -82,7 +85,7 @@ def finished_run(out_dir: Path, requested: dict) -> bool:
         return False
     saved = load_checkpoint(out_dir)["config"]
     for key, value in requested.items():  # "" / "auto": the toy world's paths, device, dtype, chosen at run time
-        if key != "out_dir" and value not in ("", "auto") and saved.get(key, object()) != value:
+        if key not in RUN_KEYS and value not in ("", "auto") and saved.get(key, object()) != value:
             return False
     inputs = [Path(saved.get("data") or "")]  # Path("") is ".", not a file: no data file, nothing to compare
     if saved.get("init_from", "").startswith("ckpt:"):
