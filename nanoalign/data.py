@@ -61,11 +61,26 @@ def read_jsonl(path, fmt: str) -> list[dict]:
             raise DataError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
+        row = implicit_prompt(row) if fmt == "preference" else row
         _validate(row, fmt, where)
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty)")
     return rows
+
+
+def implicit_prompt(row: dict) -> dict:
+    """TRL's implicit-prompt preference rows: "chosen" and "rejected" are whole conversations that share their first
+    messages; those become "prompt" and the rest the two completions (TRL's extract_prompt). Other rows as they are."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if "prompt" in row or not isinstance(chosen, list) or not isinstance(rejected, list):
+        return row
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and isinstance(chosen[shared - 1], dict) and chosen[shared - 1].get("role") == "assistant":
+        shared -= 1  # an identical assistant turn at the end belongs to both answers, not to the prompt
+    return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
 def _validate(row: dict, fmt: str, where: str) -> None:

@@ -228,6 +228,12 @@ def agree(claim_out_dir, rank, world_size):
     return lock
 
 
+def summary(record, prefix, keys=None):
+    """"loss 0.52, rewards/margins 1.3" of the keys (default: all starting with prefix) of a metrics row."""
+    keys = keys or [k for k in record if k.startswith(prefix)]
+    return ", ".join(f"{k} {record[k]:.4g}" for k in keys if k in record)
+
+
 def split_batch(batch_size, micro_batch_size, world_size):
     """(micro batch, accumulation steps) for a global batch over world_size ranks, as nanoGPT derives them: each rank
     takes batch_size / world_size examples per step in micro-batches of the largest size <= micro_batch_size that
@@ -386,6 +392,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
             dist.barrier()
 
     batches = algo.batches(start_step)
+    started, last_record = time.perf_counter(), {}
     sums, n_micro, times = {}, 0, {"data": 0.0, "update": 0.0}
     skipped, skipped_in_a_row = 0, 0  # optimizer steps dropped for a non-finite loss or gradient norm
     save_due = False  # a periodic checkpoint waits for the end of the current rollout
@@ -428,6 +435,9 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
                 log_file.flush()
                 shown = ["loss", *algo.key_metrics]
                 bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3g}" for k in shown if k in record})
+                if eval_now and any(k.startswith("eval/") for k in record):
+                    bar.write(f"step {step + 1}: " + summary(record, "eval/"))
+            last_record = record
             sums, n_micro, times = {}, 0, {"data": 0.0, "update": 0.0}
         save_due = save_due or bool(cfg.ckpt_interval) and (step + 1) % cfg.ckpt_interval == 0
         boundary = (step + 1) % algo.steps_per_rollout == 0  # resume is exact at a rollout boundary
@@ -453,4 +463,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     save(cfg.max_steps)
     if log_file:
         log_file.close()
+        print(f"{algo.name}: {cfg.max_steps - start_step} steps in {time.perf_counter() - started:.0f} s; "
+              f"{summary(last_record, '', ('loss', *algo.key_metrics))}; checkpoint {out_dir / 'ckpt.pt'}, "
+              f"metrics {out_dir / 'metrics.jsonl'}")
     return out_dir

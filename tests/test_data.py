@@ -317,3 +317,19 @@ def test_a_broken_config_json_and_a_corrupt_safetensors_file_name_the_file(tmp_p
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"model.safetensors: cannot read the weights"):
         read_weights(tmp_path)
+
+
+def test_implicit_prompt_preference_rows_get_the_shared_prefix_as_prompt(tmp_path):
+    """TRL's conversational rows without a "prompt": chosen and rejected share their first messages."""
+    user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    row = {"chosen": user + [{"role": "assistant", "content": "Blue."}],
+           "rejected": user + [{"role": "assistant", "content": "Well, there are many colours..."}]}
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (parsed,) = read_jsonl(path, "preference")
+    assert parsed["prompt"] == user and parsed["chosen"] == [{"role": "assistant", "content": "Blue."}]
+    assert parsed["rejected"] == [{"role": "assistant", "content": "Well, there are many colours..."}]
+    bad = {"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]}
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match="prefs.jsonl:1: field 'prompt': messages must be a non-empty list"):  # no shared turn
+        read_jsonl(path, "preference")

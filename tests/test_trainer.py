@@ -197,3 +197,25 @@ def test_a_user_error_is_one_line_and_exit_code_2(sft_file, tmp_path):
                          timeout=120)
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         "train.py: error: config key 'lr' from the command line: expected float, got 'abc'"]
+
+
+def test_a_run_prints_its_evals_and_ends_with_one_summary_line(sft_file, tmp_path, capsys):
+    train(config(*tiny_args(sft_file, tmp_path, eval_data=sft_file, eval_interval=2, max_steps=3, eval_batches=1)), SFT)
+    out = capsys.readouterr()
+    text = out.out + out.err  # tqdm.write goes to the bar's stream
+    assert "step 2: eval/nll_loss" in text and "step 3: eval/nll_loss" in text
+    last = out.out.strip().splitlines()[-1]
+    assert last.startswith("sft: 3 steps in") and "loss " in last and f"checkpoint {tmp_path / 'ckpt.pt'}" in last
+
+
+def test_plot_draws_the_curves_of_two_runs(sft_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    from nanoalign.plot import main as plot_main, panels, read_metrics
+    a = train(config(*tiny_args(sft_file, tmp_path / "a", eval_data=sft_file, eval_interval=2, eval_batches=1)), SFT)
+    b = train(config(*tiny_args(sft_file, tmp_path / "b", lr=1e-2)), SFT)
+    names = panels([read_metrics(a), read_metrics(b)])
+    assert names[:2] == ["loss", "nll_loss"] and "eval/nll_loss" in names and not any(n.startswith("time/") for n in names)
+    plot_main([str(a), str(b), f"--out={tmp_path / 'c.png'}"])
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "c.png").stat().st_size > 5000
+    with pytest.raises(FileNotFoundError, match="no metrics"):
+        plot_main([str(tmp_path / "nothing")])
