@@ -279,6 +279,28 @@ def test_export_command_writes_a_training_checkpoint_as_hf(gpt2_dir, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
+@pytest.mark.parametrize("spec", ["toy", "bytes"])
+def test_export_of_a_toy_or_bytes_checkpoint_writes_a_tokenizer_that_autotokenizer_reads(spec, tmp_path):
+    """A run on a nanoalign tokenizer exports tokenizer.json + tokenizer_config.json: AutoTokenizer gives the same ids
+    on the toy corpus and on varied text (special-token text in data stays text), the same EOS/PAD, and decodes back."""
+    from nanoalign.model import GPT, GPTConfig
+    from nanoalign.tokenizer import get_tokenizer
+    from nanoalign.toy.world import make_corpus
+    tok = get_tokenizer(spec)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", model=model.state_dict(), model_config=asdict(model.cfg),
+                    tokenizer=tok.spec, kind="policy")
+    main(["export", f"--ckpt={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}"])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = make_corpus(100, 7) + ["héllo wörld 😀 日本語", "  runs  of\t\tspaces\n\n", "x=1; y=[2, 3]", "<|endoftext|> in data"]
+    for text in texts:
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
+        assert hf_tok.decode(tok.encode(text)) == text
+    assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.eos_id, tok.pad_id)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert (config.eos_token_id, config.pad_token_id) == (tok.eos_id, tok.pad_id)
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 @pytest.mark.parametrize("layout", list(TOKENIZERS))

@@ -13,7 +13,7 @@ def export_checkpoint(ckpt, out_dir, dtype=None, max_shard_bytes=MAX_SHARD_BYTES
     if dtype:
         model = model.to(_dtype(dtype))
     source = tokenizer.spec.removeprefix("hf:") if tokenizer.spec.startswith("hf:") else None
-    return save_hf_model(model, out_dir, tokenizer_dir=source, max_shard_bytes=max_shard_bytes)
+    return save_hf_model(model, out_dir, tokenizer_dir=source, max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
 
 
 def main(argv=None):

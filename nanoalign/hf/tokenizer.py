@@ -157,3 +157,55 @@ def load_tokenizer(model_dir) -> Tokenizer:
     text_tokens = [t["content"] for t in tj.get("added_tokens", []) if not t.get("special")]
     return HFTokenizer(encoding, f"hf:{d}", eos_token=eos, pad_token=pad, bos_token=bos, nfc=norm == "NFC",
                        split_digits=split_digits, text_tokens=text_tokens)
+
+
+# ----------------------------------------------------------------------------- tiktoken -> tokenizer.json
+
+def merges_from_ranks(ranks):
+    """The BPE merges that rebuild a tiktoken vocabulary, in rank order: for each multi-byte token, the two parts
+    tiktoken's own merging reaches when only lower ranks may be used (the pair that becomes the token)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # merge the adjacent pair with the lowest rank below this token's, as tiktoken does
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                raise ValueError(f"token {token!r} (rank {rank}) is not reachable by merges of lower ranks")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(tuple(parts))
+    return merges
+
+
+def tokenizer_files(tokenizer):
+    """(tokenizer.json, tokenizer_config.json) dicts for a tiktoken byte-level encoding (the toy, bytes and gpt2
+    tokenizers), so that transformers' AutoTokenizer gives the same ids: a Split on the encoding's regex, then
+    ByteLevel without its own regex, then BPE with the merges of merges_from_ranks; the special tokens as added
+    tokens. HF tokenizers are copied from their source folder instead (save_hf_model)."""
+    enc = tokenizer.encoding
+    to_text = bytes_to_unicode()
+    spell = lambda b: "".join(to_text[x] for x in b)  # noqa: E731  bytes -> the vocabulary's printable spelling
+    ranks = enc._mergeable_ranks
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    specials = sorted(enc._special_tokens.items(), key=lambda item: item[1])
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in specials],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [[spell(a), spell(b)] for a, b in merges_from_ranks(ranks)]}}
+    id_to_special = {i: t for t, i in specials}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": id_to_special[tokenizer.eos_id],
+              "split_special_tokens": True,  # special-token text in data stays text, as Tokenizer.encode keeps it
+              "pad_token": id_to_special[tokenizer.pad_id], "clean_up_tokenization_spaces": False,
+              "model_max_length": 1_000_000_000}
+    if tokenizer.bos_id is not None:
+        config["bos_token"] = id_to_special[tokenizer.bos_id]
+    return tokenizer_json, config

@@ -22,7 +22,7 @@ import regex
 import torch
 
 from nanoalign.hf.config import architecture, gpt_config_from_hf, hf_config_from_gpt, read_hf_config
-from nanoalign.hf.tokenizer import load_tokenizer
+from nanoalign.hf.tokenizer import load_tokenizer, tokenizer_files
 from nanoalign.model import GPT, rope_inv_freq
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -196,10 +196,12 @@ def load_hf_model(path, device="cpu", dtype=None):
     return model.to(device), tokenizer
 
 
-def save_hf_model(model, out_dir, tokenizer_dir=None, max_shard_bytes=MAX_SHARD_BYTES):
+def save_hf_model(model, out_dir, tokenizer_dir=None, max_shard_bytes=MAX_SHARD_BYTES, tokenizer=None):
     """Write config.json + safetensors for `model` in its current dtype. `tokenizer_dir` is the HF directory the
     model came from: its tokenizer files (and generation_config.json, chat template) are copied, its config.json
-    supplies the architecture name, token ids and vocabulary size (a PAD row nanoalign added is dropped)."""
+    supplies the architecture name, token ids and vocabulary size (a PAD row nanoalign added is dropped). Without
+    one, a nanoalign `tokenizer` (toy, bytes, gpt2) is written as tokenizer.json + tokenizer_config.json
+    (hf/tokenizer.py tokenizer_files) and its EOS / PAD / BOS ids go into config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -210,6 +212,10 @@ def save_hf_model(model, out_dir, tokenizer_dir=None, max_shard_bytes=MAX_SHARD_
     state = model.state_dict()
     dtype = state["tok_emb.weight"].dtype
     hf_config = hf_config_from_gpt(cfg, vocab_size, dtype, base)
+    if base is None and tokenizer is not None:
+        hf_config.update(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id)
+        for name, content in zip(("tokenizer.json", "tokenizer_config.json"), tokenizer_files(tokenizer)):
+            (out / name).write_text(json.dumps(content, ensure_ascii=False, indent=1) + "\n")
     write_safetensors(to_hf(state, cfg, cfg.pos == "learned", vocab_size), out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer_dir and Path(tokenizer_dir).resolve() != out.resolve():
