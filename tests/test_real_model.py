@@ -102,6 +102,8 @@ def test_chat_template_ids_equal_apply_chat_template(models, hf_tokenizer):
     ids, mask = render_messages(CONVERSATIONS[0], tok, template, add_generation_prompt=True)
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(ids) and not any(mask)
     assert user_content(tok.decode(ids), template) == CONVERSATIONS[0][0]["content"]
+    without_eos = tok.decode([i for i in ids if i != tok.eos_id])  # as a rollout decodes its prompts
+    assert user_content(without_eos, template, tok.template_tokens) == CONVERSATIONS[0][0]["content"]
 
 
 def test_loss_mask_is_the_answers_and_their_end_of_turn_token(models):
@@ -124,3 +126,75 @@ def test_conversational_data_gets_transformers_ids(models, hf_tokenizer, tmp_pat
         assert example["input_ids"] == hf_chat_ids(hf_tokenizer, messages, False)
     for example, messages in zip(load_examples(prompts, "prompt", tok, 512, log=lambda _: None), CONVERSATIONS):
         assert example["prompt_ids"] == hf_chat_ids(hf_tokenizer, messages[:1], True)
+
+
+# ----------------------------------------------------------------------------- train from hf:, export, reload
+
+PAIRS = [("Name a colour.", "Blue.", "I am not sure what you mean by a colour, so here is a long answer."),
+         ("Say hello.", "Hello!", "Greetings to you and everyone you know, on this fine and lovely day."),
+         ("What is 2+2?", "4.", "That depends on many things, but usually the answer would be four."),
+         ("Name a fruit.", "An apple.", "There are so many fruits that I could never choose just one of them.")]
+
+
+def dpo_run(smollm2_dir, root, *extra):
+    """A 2-step DPO run started with --init_from=hf:<SmolLM2> on conversational pairs; returns its out dir."""
+    from train import main as train_main
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in PAIRS]
+    (root / "prefs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return train_main(["--algo=dpo", f"--init_from=hf:{smollm2_dir}", f"--data={root / 'prefs.jsonl'}",
+                       "--max_steps=2", "--batch_size=4", "--micro_batch_size=4", "--warmup_steps=0", "--max_len=128",
+                       "--dtype=float32", "--log_interval=1", f"--out_dir={root / 'run'}", *extra])
+
+
+def greedy_pair(ours, theirs, ids, tok, n=16):
+    """nanoalign's and transformers' greedy continuations of one prompt (lists of ids, up to EOS)."""
+    mine = ours.generate([ids], n, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = theirs.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(ids):].tolist()
+    return mine.tokens[0, :int(mine.mask[0].sum())].tolist(), ref
+
+
+def chat_prompts(tok):
+    template = chat_template_for(tok.spec)
+    return [render_messages([{"role": "user", "content": p}], tok, template, add_generation_prompt=True)[0]
+            for p, _, _ in PAIRS[:2]] + [render_messages(CONVERSATIONS[0], tok, template, add_generation_prompt=True)[0]]
+
+
+def test_exported_full_run_loads_in_transformers_with_the_same_greedy_answers(smollm2_dir, models, tmp_path):
+    from nanoalign.hf.__main__ import main as hf_main
+    full = dpo_run(smollm2_dir, tmp_path, "--lr=1e-4")
+    base, tok, base_hf = models
+    hf_main(["export", f"--ckpt={full}", f"--out={tmp_path / 'full'}"])
+    ours = load_model(f"ckpt:{full}")[0].eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32).eval()
+    x = torch.tensor([chat_prompts(tok)[0]])
+    with torch.no_grad():
+        assert (theirs(x).logits - base_hf(x).logits).abs().max() > 1e-3  # the run changed the weights
+        assert (ours(x)[..., :theirs.config.vocab_size] - theirs(x).logits).abs().max() <= 2e-4  # logits up to ~30
+    for ids in chat_prompts(tok):
+        mine, ref = greedy_pair(ours, theirs, ids, tok)
+        assert mine == ref[:len(mine)] and (len(mine) == len(ref) or ref[len(mine) - 1] == tok.eos_id)
+
+
+def test_exported_lora_run_loads_in_peft_and_merged_in_transformers_with_the_same_greedy_answers(
+        smollm2_dir, models, tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from nanoalign.hf.__main__ import main as hf_main
+    lora = dpo_run(smollm2_dir, tmp_path, "--lr=1e-3", "--lora_rank=8", "--lora_targets=q_proj,v_proj,up_proj")
+    _, tok, _ = models
+    hf_main(["export", f"--ckpt={lora}", f"--out={tmp_path / 'adapter'}", "--peft"])
+    hf_main(["export", f"--ckpt={lora}", f"--out={tmp_path / 'merged'}"])
+    adapters = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapters.items())  # trained, not zero
+    ours = load_model(f"ckpt:{lora}")[0].eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    for ids in chat_prompts(tok):
+        for theirs in (with_adapter, merged):
+            mine, ref = greedy_pair(ours, theirs, ids, tok)
+            assert mine == ref[:len(mine)] and (len(mine) == len(ref) or ref[len(mine) - 1] == tok.eos_id)
