@@ -155,9 +155,11 @@ def _prefix(part, text, template):
     return len(part)
 
 
-def user_content(prompt_text, template):
+def user_content(prompt_text, template, stops=()):
     """The content of the last user message in a rendered prompt (e.g. decoded rollout prompts, for a judge), found
-    between the template's user header and what follows user content; the whole text if it has no such header."""
+    between the template's user header and what follows user content (the footer). `stops`: special-token texts
+    that may be missing from the text (a rollout decodes its prompts without EOS, ChatML's <|im_end|>): the footer
+    without one of them also ends the content, and so does any of them. The whole text if it has no such header."""
     probe = "\x00nanoalign-probe\x00"
     before = template.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     after = template.render([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
@@ -167,8 +169,9 @@ def user_content(prompt_text, template):
     if not header or start < 0:
         return prompt_text
     start += len(header)
-    end = prompt_text.find(footer, start) if footer else -1
-    return prompt_text[start:end if end >= 0 else None]
+    ends = [footer, *(footer.replace(t, "") for t in stops if t in footer), *stops]
+    ends = [i for i in (prompt_text.find(t, start) for t in ends if t) if i >= 0]
+    return prompt_text[start:min(ends, default=len(prompt_text))]
 
 
 def chat_template_for(spec_or_dir):

@@ -97,7 +97,7 @@ class LLMJudge:
             ids = ([self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []) + self.tokenizer.encode(text)
         else:
             first, second = (self._as_text(x) for x in (first, second))
-            prompt = self._as_text(user_content(prompt, self.chat_template))
+            prompt = self._as_text(user_content(prompt, self.chat_template, self.tokenizer.template_tokens))
             text = self.template.format(instruction=self.instruction, prompt=prompt, first=first, second=second)
             ids = render_messages([{"role": "user", "content": text}], self.tokenizer, self.chat_template,
                                   add_generation_prompt=True)[0]

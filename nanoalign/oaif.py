@@ -116,7 +116,7 @@ def evaluate(a, judge, specs):
                          "mean_length": float(greedy.response_mask.sum(1).mean()),
                          "start_mean_length": float(start.response_mask.sum(1).mean()), "kl": float(kl.mean())}
         samples[name] = greedy.responses
-    samples["prompt"] = [user_content(p, judge.chat_template) for p in samples["prompt"]]
+    samples["prompt"] = [user_content(p, judge.chat_template, tokenizer.template_tokens) for p in samples["prompt"]]
     return results, samples
 
 
