@@ -25,6 +25,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from nanoalign.chat import _check, chat_template_for, render_messages
+
 FORMATS = ("sft", "text", "preference", "binary", "prompt")
 COMPLETION_FIELDS = {"sft": ("completion",), "text": (), "preference": ("chosen", "rejected"),
                      "binary": ("completion",), "prompt": ()}
@@ -85,7 +87,6 @@ def implicit_prompt(row: dict) -> dict:
 
 def _validate(row: dict, fmt: str, where: str) -> None:
     if fmt == "sft" and "messages" in row and "completion" not in row:  # conversational: nanoalign/chat.py renders it
-        from nanoalign.chat import _check
         try:
             _check(row["messages"])
         except ValueError as e:
@@ -112,7 +113,6 @@ def _validate(row: dict, fmt: str, where: str) -> None:
 
 def _check_messages(row: dict, name: str, where: str, assistant_only: bool) -> None:
     """A conversational field: a non-empty list of {"role", "content"}; completions hold assistant turns only."""
-    from nanoalign.chat import _check
     if name not in row:
         raise DataError(f"{where}: missing field {name!r}")
     try:
@@ -191,18 +191,14 @@ def _sequence(bos: list[int], prompt_ids: list[int], completion_ids: list[int], 
 
 
 def _chat_prompt(tok, messages: list) -> list[int]:
-    """[bos] + the rendered prompt messages + the assistant header: what the model continues from."""
-    from nanoalign.chat import chat_template_for, render_messages
+    """The rendered prompt messages + the assistant header: what the model continues from."""
     return render_messages(messages, tok, chat_template_for(tok.spec), add_generation_prompt=True)[0]
 
 
 def _chat_sequence(tok, prompt: list, completion: list, max_len: int, filtered: Filtered) -> tuple | None:
     """(ids, mask) of a conversational prompt + completion: mask 1 on the completion's assistant content and its
     end-of-turn token, 0 on the whole prompt (earlier assistant turns included); None (counted) over max_len."""
-    from nanoalign.chat import chat_template_for, render_messages
-    ids, mask = render_messages(prompt + completion, tok, chat_template_for(tok.spec))
-    n_prompt = len(_chat_prompt(tok, prompt))  # the rendering is per segment, so this is an exact prefix of ids
-    mask = [0] * n_prompt + mask[n_prompt:]
+    ids, mask = render_messages(prompt + completion, tok, chat_template_for(tok.spec), loss_from=len(prompt))
     while mask and mask[-1] == 0:  # no trailing tokens after the last end-of-turn (ChatML's "\n")
         ids, mask = ids[:-1], mask[:-1]
     if len(ids) > max_len:
@@ -219,7 +215,6 @@ def _prompt_and_completion(row: dict) -> tuple[str, str]:
 
 def _sft_example(row: dict, tok, max_len: int, filtered: Filtered) -> dict | None:
     if "messages" in row and "completion" not in row:  # the model's chat format, loss on assistant turns only
-        from nanoalign.chat import chat_template_for, render_messages
         input_ids, loss_mask = render_messages(row["messages"], tok, chat_template_for(tok.spec))
         if len(input_ids) > max_len:  # no left cut: it could split a turn
             filtered.dropped["too_long"] += 1

@@ -17,6 +17,13 @@ wins, the debiased log-odds that `first` wins is
 
 If the judge's log-odds are a content term plus a constant slot bias, l(x, y) = b + q(x) - q(y), then
 d = q(first) - q(second) exactly: the bias b cancels, and (l1 + l2) / 2 = b measures it (judge/position_bias).
+The position-bias RATE is how often the two orders disagree, sign(l(first, second)) != -sign(l(second, first))
+(judge/disagreement); `last_agree` marks the pairs where they agree, which online DPO can keep alone
+(judge_agreement, as the OAIF recipe counts a label only when both orders give it).
+A chat model judges in its own chat template (`chat_template`): the judging text is the user message, the labels
+(then "A" / "B", no leading space) are scored as the start of the assistant's answer, a prompt is reduced to the
+content of its last user message, and special-token text inside a response is removed (it cannot be shown as text).
+Single-token labels are read from one forward per judging prompt (the next-token distribution at its end).
 Departures from OAIF: their annotator (PaLM 2-L) generates an answer "1" or "2" and they take its choice; we read
 the answer distribution (normalised over the two labels) instead of sampling it, and average both orders (OAIF
 mentions position bias but does not swap). The judging prompt is a template, not their few-shot prompt.
@@ -25,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from nanoalign.chat import render_messages, user_content
 from nanoalign.data import collate
 from nanoalign.logps import batch_logps
 
@@ -68,38 +76,55 @@ class LLMJudge:
     The judge runs in eval mode under no_grad, `batch_size` sequences per forward."""
 
     def __init__(self, model, tokenizer, instruction, template=DEFAULT_TEMPLATE, labels=(" A", " B"),
-                 batch_size=32):
+                 batch_size=32, chat_template=None):
         self.model, self.tokenizer, self.instruction = model.eval().requires_grad_(False), tokenizer, instruction
-        self.template, self.batch_size = template, batch_size
+        self.template, self.batch_size, self.chat_template = template, batch_size, chat_template
         self.label_ids = [tokenizer.encode(label) for label in labels]
         if not all(self.label_ids) or self.label_ids[0] == self.label_ids[1]:
             raise ValueError(f"judge labels {labels!r} must be two different non-empty strings")
         self.truncated = 0
         self.last_position_bias = None  # mean slot-A log-odds of the last call (0 for an unbiased judge)
+        self.last_agree, self.last_disagreement = None, None  # (N,) both orders pick the same; 1 - its mean
 
     def judge_prompt_ids(self, prompt, first, second):
-        text = self.template.format(instruction=self.instruction, prompt=prompt, first=first, second=second)
-        ids = ([self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []) + self.tokenizer.encode(text)
+        if self.chat_template is None:
+            text = self.template.format(instruction=self.instruction, prompt=prompt, first=first, second=second)
+            ids = ([self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []) + self.tokenizer.encode(text)
+        else:
+            first, second = (self._as_text(x) for x in (first, second))
+            prompt = self._as_text(user_content(prompt, self.chat_template, self.tokenizer.template_tokens))
+            text = self.template.format(instruction=self.instruction, prompt=prompt, first=first, second=second)
+            ids = render_messages([{"role": "user", "content": text}], self.tokenizer, self.chat_template,
+                                  add_generation_prompt=True)[0]
         budget = self.model.cfg.block_size - max(map(len, self.label_ids))
         if len(ids) > budget:
             self.truncated += 1
             ids = ids[len(ids) - budget:]  # keep the end: the responses and the question
         return ids
 
+    def _as_text(self, text):
+        for token in self.tokenizer.template_tokens:
+            text = text.replace(token, "")
+        return text
+
     @torch.no_grad()
     def slot_logodds(self, prompts, first, second):
         """l = log p(label A | J) - log p(label B | J) for J = the judging prompt with `first` in slot A. (N,)"""
-        examples = []
-        for p, x, y in zip(prompts, first, second):
-            ids = self.judge_prompt_ids(p, x, y)
-            for label in self.label_ids:  # two rows per pair: J + label A, J + label B
-                examples.append({"input_ids": ids + label, "loss_mask": [0] * len(ids) + [1] * len(label)})
+        prompt_ids = [self.judge_prompt_ids(p, x, y) for p, x, y in zip(prompts, first, second)]
         device = next(self.model.parameters()).device
+        single = all(len(label) == 1 for label in self.label_ids)  # one row per pair: both labels at its last position
+        examples = [{"input_ids": ids + label, "loss_mask": [0] * len(ids) + [1] * len(label)}
+                    for ids in prompt_ids for label in ([[]] if single else self.label_ids)]
         logps = []
         for i in range(0, len(examples), self.batch_size):
             batch = collate(examples[i:i + self.batch_size], self.tokenizer.pad_id)
-            out, _, _ = batch_logps(self.model, batch["input_ids"].to(device), batch["loss_mask"].to(device),
-                                    batch["attention_mask"].to(device))  # summed log p(label | J), (b,)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            if single:
+                last = mask.sum(1) - 1                                     # (b,) each row's last real position
+                logits = self.model(ids, mask)[torch.arange(len(ids)), last].float()  # (b, V)
+                out = logits.log_softmax(-1)[:, [label[0] for label in self.label_ids]]  # (b, 2)
+            else:
+                out, _, _ = batch_logps(self.model, ids, batch["loss_mask"].to(device), mask)  # log p(label | J), (b,)
             logps.append(out.float().cpu())
         logps = torch.cat(logps).view(-1, 2)  # (N, 2): [log p(A | J), log p(B | J)]
         return logps[:, 0] - logps[:, 1]
@@ -109,4 +134,6 @@ class LLMJudge:
         logodds_ba = self.slot_logodds(prompts, second, first)  # first in slot B
         d, b = debiased_logodds(logodds_ab, logodds_ba)
         self.last_position_bias = float(b.mean())
+        self.last_agree = (logodds_ab > 0) == (logodds_ba < 0)  # order 1 picks `first` iff order 2 does
+        self.last_disagreement = 1 - float(self.last_agree.float().mean())
         return torch.sigmoid(d)

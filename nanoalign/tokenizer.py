@@ -34,12 +34,22 @@ class Tokenizer:
         self.pad_id = encoding.encode_single_token(pad_token)
         self.bos_id = encoding.encode_single_token(bos_token) if bos_token else None
         self.vocab_size = encoding.n_vocab  # includes the special tokens
+        self.template_tokens = encoding.special_tokens_set  # what a chat template's text may insert as a token
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. Special-token text such as "<|endoftext|>" in the data is encoded as
         ordinary bytes, never as the special id: user data must not be able to inject an EOS (or PAD)
         that would cut a completion short or hide tokens from the loss mask."""
         return self.encoding.encode_ordinary(text)
+
+    def normalize(self, text: str) -> str:
+        """The text as encode() sees it (HF tokenizers may normalise it first; see nanoalign/hf/tokenizer.py)."""
+        return text
+
+    def encode_pieces(self, text: str) -> list[tuple[int | None, bytes]]:
+        """encode(normalize(text)) as (id, bytes of the token) pairs whose bytes concatenate to the text's UTF-8,
+        so a character offset maps to tokens (chat.py's loss masks); an id is None where encode drops the byte."""
+        return [(i, self.encoding.decode_single_token_bytes(i)) for i in self.encode(text)]
 
     def decode(self, ids) -> str:
         """Text of `ids` (a list, array or 1-D tensor); PAD ids are skipped, and byte sequences that

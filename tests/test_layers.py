@@ -13,12 +13,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nanoalign"
 LAYERS = [
     {"model", "tokenizer", "chat", "logps", "lora", "checkpoint", "config", "plot"},  # nothing of ours above
-    {"hf", "hf.config", "hf.weights", "hf.tokenizer", "hf.peft"},              # Hugging Face formats
+    {"hf", "hf.config", "hf.weights", "hf.tokenizer", "hf.peft", "hf.gguf"},   # Hugging Face formats
     {"loading"},                                                               # spec -> model, the one place
     {"data", "rollout", "reference", "scorers", "judge", "rundir"},           # data and what the loop feeds on
     {"trainer"},                                                               # THE loop
     {"algos"},                                                                 # algos/*: one file per algorithm
-    {"toy"},                                                                   # toy/*: registers with the core
+    {"toy", "oaif"},                                                           # toy/*, recipes on real models
 ]
 
 

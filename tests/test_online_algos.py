@@ -69,6 +69,17 @@ def test_judge_that_truly_prefers_a_response_keeps_the_preference():
     assert torch.allclose(good_first + good_second, torch.ones(3), atol=1e-5)  # symmetric in the two responses
 
 
+def test_position_bias_rate_counts_pairs_whose_two_orders_disagree():
+    """Slot bias 4 vs content terms of |q(good) - q(bad)| <= 3: each order alone says "slot A", so every pair's two
+    orders disagree (rate 1, none kept). Content weight 3 outweighs the bias: both orders pick the good response."""
+    biased = LLMJudge(StubJudgeLM(slot_bias=4.0, content=1.0), TOKENIZER, "Which review is more positive?")
+    biased.prefer(PROMPTS, GOOD, BAD)
+    assert biased.last_disagreement == 1.0 and not biased.last_agree.any()
+    fair = LLMJudge(StubJudgeLM(slot_bias=4.0, content=3.0), TOKENIZER, "Which review is more positive?")
+    fair.prefer(PROMPTS, GOOD, BAD)  # l(good, bad) = 4 + 3 m > 0 and l(bad, good) = 4 - 3 m < 0 for m in 2..3
+    assert fair.last_agree.all() and fair.last_disagreement == 0.0
+
+
 def test_judge_labels_must_differ():
     with pytest.raises(ValueError):
         LLMJudge(StubJudgeLM(0.0, 0.0), TOKENIZER, "x", labels=(" A", " A"))

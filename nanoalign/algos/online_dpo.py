@@ -10,7 +10,9 @@ that this beats offline DPO).
 Annotators (nanoalign/judge.py): with judge="" the rollout's scorer decides -- reward_model="gold" (the toy world's
 gold reward, the default) or "ckpt:<dir>" (a reward model from --algo=rm) -- and the higher score wins; with
 judge="<model spec>" an LLM judge (any nanoalign-loadable LM, a different model from the policy) is asked with
-judge_instruction, in both orders. reward_model then only provides objective/scores for monitoring ("" for none).
+judge_instruction, in both orders (with judge_agreement, a pair counts only when both orders pick the same response;
+judge/disagreement is how often they do not); a chat model judges in its own chat template. reward_model then only
+provides objective/scores for monitoring ("" for none).
 
 This implementation differs from the paper in:
   - the annotator's choice is hard (P > 0.5) as in OAIF, but a TIE (equal scores, identical responses, a judge at
@@ -27,6 +29,7 @@ import torch
 
 from nanoalign.algos.dpo import REFERENCE_FREE, PreferenceLossConfig, preference_loss, preference_loss_kwargs
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig, sequence_logps
+from nanoalign.chat import chat_template_for
 from nanoalign.loading import load_model
 from nanoalign.judge import DEFAULT_TEMPLATE, LLMJudge, ScoreAnnotator, score_preference
 
@@ -36,7 +39,8 @@ class OnlineDPOConfig(OnlineConfig, PreferenceLossConfig):  # the preference-los
     judge: str = ""  # "" -> the scorer of reward_model decides; else an LLM judge: "ckpt:<dir>" | "hf:<dir>"
     judge_instruction: str = "Which review is more positive?"  # what the judge is asked to prefer
     judge_template: str = DEFAULT_TEMPLATE  # {instruction} {prompt} {first} {second}; slots A and B
-    judge_labels: str = "A,B"  # the two answers, each scored with a leading space after the template
+    judge_labels: str = "A,B"  # the two answers, scored after the template (with a leading space unless in chat form)
+    judge_agreement: bool = False  # keep a pair only when the judge picks the same response in both orders
 
 
 def pairs_from_rollout(rollout, first_wins, weight):
@@ -71,8 +75,11 @@ class OnlineDPO(OnlineAlgorithm):
         self.loss_kwargs = preference_loss_kwargs(cfg)
         if cfg.judge:
             judge_model, judge_tokenizer = load_model(cfg.judge, ctx.device)
-            labels = tuple(" " + label.strip() for label in cfg.judge_labels.split(","))
-            self.annotator = LLMJudge(judge_model, judge_tokenizer, cfg.judge_instruction, cfg.judge_template, labels)
+            chat = chat_template_for(judge_tokenizer.spec)  # a chat model judges in its own template
+            chat = None if chat == "plain" else chat
+            labels = tuple(("" if chat else " ") + label.strip() for label in cfg.judge_labels.split(","))
+            self.annotator = LLMJudge(judge_model, judge_tokenizer, cfg.judge_instruction, cfg.judge_template, labels,
+                                      chat_template=chat)
         else:
             self.annotator = ScoreAnnotator(self.scorer)
 
@@ -81,10 +88,14 @@ class OnlineDPO(OnlineAlgorithm):
         if isinstance(self.annotator, ScoreAnnotator):  # the rollout already scored both: same rule, no second call
             p_first = score_preference(rollout.scores[0::2], rollout.scores[1::2])
         else:
-            with self.ctx.autocast():
-                p_first = self.annotator.prefer(prompts, first, second).to(rollout.scores.device)
+            # in fp32, not autocast: bf16 logits round a judge's log-odds to steps of ~1/16, as large as the
+            # content signal of a small judge (SmolLM2-135M's is ~0.1; docs/real-model.md)
+            p_first = self.annotator.prefer(prompts, first, second).to(rollout.scores.device)
             self.rollout_metrics["judge/position_bias"] = self.annotator.last_position_bias
+            self.rollout_metrics["judge/disagreement"] = self.annotator.last_disagreement
         weight = (p_first != 0.5).float()  # a tie carries no preference
+        if self.cfg.judge_agreement and not isinstance(self.annotator, ScoreAnnotator):
+            weight *= self.annotator.last_agree.to(weight.device).float()  # the two orders disagree: no label
         self.rollout_metrics["frac_ties"] = 1 - weight.mean()
         return pairs_from_rollout(rollout, p_first > 0.5, weight)
 

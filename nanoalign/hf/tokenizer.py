@@ -21,19 +21,35 @@ def bytes_to_unicode():
 class HFTokenizer(Tokenizer):
     """A Tokenizer plus what one tiktoken regex cannot express in HF byte-level tokenizers: NFC normalisation
     (Qwen2), digits split one by one before the regex (SmolLM), and non-special added tokens, which HF
-    matches in ordinary text. Special tokens in text are still encoded as bytes (see Tokenizer.encode)."""
+    matches in ordinary text. Special tokens in text are still encoded as bytes (see Tokenizer.encode); a chat
+    template's text is split at `special_texts` (HF's special added tokens) by chat.py instead.
+    `absent_bytes`: ids given to single bytes the vocabulary lacks (tiktoken needs a rank for all 256; see
+    _mergeable_ranks). They are the last ids, outside vocab_size and the model's embedding, and encode drops them,
+    as HF's BPE drops a byte it has no token for."""
 
     def __init__(self, encoding, spec, eos_token, pad_token, bos_token=None, nfc=False, split_digits=False,
-                 text_tokens=()):
+                 text_tokens=(), absent_bytes=(), special_texts=()):
         super().__init__(encoding, spec, eos_token, pad_token, bos_token)
-        self.nfc = nfc
+        self.nfc, self.absent_bytes = nfc, frozenset(absent_bytes)
+        self.vocab_size = encoding.n_vocab - len(self.absent_bytes)  # the ids a model has rows for
+        self.template_tokens = frozenset(special_texts)  # HF's special added tokens (not our own <|pad|>)
         self.text_token_ids = {t: encoding.encode_single_token(t) for t in text_tokens}
         pieces = [regex.escape(t) for t in sorted(text_tokens, key=len, reverse=True)] + [r"\p{N}"] * split_digits
         self.splitter = regex.compile("(" + "|".join(pieces) + ")") if pieces else None
 
+    def normalize(self, text: str) -> str:
+        return unicodedata.normalize("NFC", text) if self.nfc else text
+
     def encode(self, text: str) -> list[int]:
-        if self.nfc:
-            text = unicodedata.normalize("NFC", text)
+        ids = self._encode_all_bytes(self.normalize(text))
+        return [i for i in ids if i not in self.absent_bytes] if self.absent_bytes else ids
+
+    def encode_pieces(self, text: str) -> list[tuple[int | None, bytes]]:
+        return [(None if i in self.absent_bytes else i, self.encoding.decode_single_token_bytes(i))
+                for i in self._encode_all_bytes(self.normalize(text))]
+
+    def _encode_all_bytes(self, text):
+        """The ids of normalised text before absent bytes are dropped: their bytes concatenate to the text."""
         if self.splitter is None:
             return self.encoding.encode_ordinary(text)
         ids = []
@@ -89,9 +105,12 @@ def _prepended_token(post):
 
 
 def _mergeable_ranks(tj, added, where):
-    """tiktoken ranks = HF ids of the byte-level vocabulary (added tokens excluded: they become special tokens).
-    tiktoken merges the adjacent pair whose result has the lowest rank, HF the pair listed first in `merges`:
-    the two agree when merge results come in increasing id order, which is checked here."""
+    """(ranks, absent): tiktoken ranks = HF ids of the byte-level vocabulary (added tokens excluded: they become
+    special tokens), and the single bytes the vocabulary lacks. tiktoken merges the adjacent pair whose result has
+    the lowest rank, HF the pair listed first in `merges`: the two agree when merge results come in increasing id
+    order, which is checked here. A real vocabulary may lack single bytes (SmolLM2's lacks 21, e.g. 0x04 and 0xC0,
+    which UTF-8 never uses); HF then drops such a byte. No token contains one (checked), so the caller can rank them
+    after every real id: they never merge with a neighbour, as in HF, and HFTokenizer.encode drops them."""
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     vocab, ranks = tj["model"]["vocab"], {}
     for token, i in vocab.items():
@@ -100,8 +119,10 @@ def _mergeable_ranks(tj, added, where):
                 raise ValueError(f"{where}: vocabulary entry {token!r} is not byte-level; "
                                  f"supported: {SUPPORTED_TOKENIZERS}")
             ranks[bytes(byte_of[c] for c in token)] = i
-    if missing := [b for b in range(256) if bytes([b]) not in ranks]:
-        raise ValueError(f"{where}: the vocabulary lacks single bytes {missing[:8]}...; tiktoken needs all 256")
+    absent = [b for b in range(256) if bytes([b]) not in ranks]
+    if inside := [t for t in ranks if len(t) > 1 and any(b in absent for b in t)][:3]:
+        raise ValueError(f"{where}: tokens {inside} contain bytes that have no token of their own; byte-level BPE "
+                         f"builds every token from single-byte ones; supported: {SUPPORTED_TOKENIZERS}")
     last, seen = -1, set()
     for merge in tj["model"].get("merges", []):
         a, b = merge.split(" ", 1) if isinstance(merge, str) else merge  # "a b" (older files) or ["a", "b"]
@@ -111,7 +132,7 @@ def _mergeable_ranks(tj, added, where):
                              "merge order, so tiktoken ranks cannot express this tokenizer")
         seen.add(i)
         last = max(last, i)
-    return ranks
+    return ranks, absent
 
 
 def _choose_pad(added, tokenizer_config, not_pad):
@@ -140,7 +161,7 @@ def load_tokenizer(model_dir) -> Tokenizer:
     if norm not in (None, "NFC"):
         raise ValueError(f"{d}: normalizer {norm!r} is not supported; supported: none, NFC")
     added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-    ranks = _mergeable_ranks(tj, added, d)
+    ranks, absent = _mergeable_ranks(tj, added, d)
     tokenizer_config, config = _read_json(d / "tokenizer_config.json"), _read_json(d / "config.json")
     id_to_added = {i: t for t, i in added.items()}
     config_eos = _ids(config.get("eos_token_id"))
@@ -153,10 +174,14 @@ def load_tokenizer(model_dir) -> Tokenizer:
     specials = dict(added)
     if pad is None:
         pad, specials[PAD_TOKEN] = PAD_TOKEN, max([*ranks.values(), *added.values()]) + 1
+    first_absent = max([*ranks.values(), *specials.values()]) + 1  # after every id the model has a row for
+    ranks.update({bytes([b]): first_absent + k for k, b in enumerate(absent)})
     encoding = tiktoken.Encoding(name=f"hf:{d.name}", pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
     text_tokens = [t["content"] for t in tj.get("added_tokens", []) if not t.get("special")]
     return HFTokenizer(encoding, f"hf:{d}", eos_token=eos, pad_token=pad, bos_token=bos, nfc=norm == "NFC",
-                       split_digits=split_digits, text_tokens=text_tokens)
+                       split_digits=split_digits, text_tokens=text_tokens,
+                       absent_bytes=range(first_absent, first_absent + len(absent)),
+                       special_texts=[t["content"] for t in tj.get("added_tokens", []) if t.get("special")])
 
 
 # ----------------------------------------------------------------------------- tiktoken -> tokenizer.json

@@ -128,11 +128,10 @@ def read_weights(model_dir):
                                 "pytorch_model.bin and pytorch_model.bin.index.json")
     state = {}
     for f in files:
+        load = _safetensors().load_file if f.suffix == ".safetensors" else \
+            (lambda path: torch.load(path, map_location="cpu", weights_only=True))
         try:
-            if f.suffix == ".safetensors":
-                state.update(_safetensors().load_file(f))
-            else:
-                state.update(torch.load(f, map_location="cpu", weights_only=True))
+            state.update(load(f))
         except Exception as err:  # truncated, corrupt, not a weights file (SafetensorError, UnpicklingError, ...)
             raise ValueError(f"{f}: cannot read the weights ({type(err).__name__}: {err})") from None
     return state
