@@ -304,7 +304,8 @@ def label_pairs(prompt: str, completions: list[str], rewards: list[float], *, rn
     stats["identical_pairs"]; stats["pairs"] counts the rows returned. rewards[i] is the gold reward of
     prompt + completions[i]. Pass one `rng` for the whole data set (a fresh seed per prompt would correlate
     the labels of different prompts)."""
-    assert len(completions) == len(rewards), "one reward per completion"
+    if len(completions) != len(rewards):
+        raise ValueError(f"{len(completions)} completions but {len(rewards)} rewards: one reward per completion")
     all_pairs = list(combinations(range(len(completions)), 2))
     rows = []
     for i, j in rng.sample(all_pairs, min(pairs_per_prompt, len(all_pairs))):
@@ -326,7 +327,8 @@ def binary_feedback(prompt: str, completions: list[str], rewards: list[float], *
     Rule: each completion is compared with a typical answer for the prompt by the same Bradley-Terry draw,
     label = True with probability sigmoid((reward - baseline) / tau), where the baseline defaults to the mean
     reward of this prompt's completions (pass e.g. 0.5 for a fixed bar). Every completion is labelled."""
-    assert len(completions) == len(rewards), "one reward per completion"
+    if len(completions) != len(rewards):
+        raise ValueError(f"{len(completions)} completions but {len(rewards)} rewards: one reward per completion")
     baseline = sum(rewards) / len(rewards) if baseline is None and rewards else baseline
     return [{"prompt": prompt, "completion": completion, "label": rng.random() < bradley_terry_prob(r, baseline, tau)}
             for completion, r in zip(completions, rewards)]
