@@ -1,4 +1,5 @@
 """Config resolution: defaults < preset < overrides < argv, type checks, helpful errors, round trip."""
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -151,3 +152,16 @@ def test_round_trip_through_dict():
     assert rebuilt == cfg and config_to_dict(rebuilt) == saved
     with pytest.raises(ConfigError, match="saved config"):
         config_from_dict({**saved, "gone": 1}, registry)
+
+
+def test_every_key_is_checked_against_its_declared_range_algorithm_keys_included():
+    from nanoalign.algos import algo_config
+    for argv, message in ((["--beta=-1"], "'beta' from the command line: -1.0 is not > 0"),
+                          (["--max_steps=0"], "'max_steps' from the command line: 0 is not >= 1"),
+                          (["--algo=grpo", "--samples_per_prompt=1"], "'samples_per_prompt' from the command line: 1 is not >= 2"),
+                          (["--algo=ppo", "--gamma=2"], "'gamma' from the command line: 2.0 is not in [0, 1]"),
+                          (["--algo=cdpo", "--label_smoothing=0.5"], "'label_smoothing' from the command line: 0.5 is not in [0, 0.5)"),
+                          (["--dropout=1"], "'dropout' from the command line: 1.0 is not in [0, 1)")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(argv, algo_config)
+    assert load_config(["--algo=ppo", "--gamma=1", "--lam=0"], algo_config).gamma == 1.0  # the bounds themselves

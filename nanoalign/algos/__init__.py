@@ -49,6 +49,6 @@ def algo_config(name):
     defaults = ALGORITHMS[name][1]
     if not defaults:
         return config
-    hints = typing.get_type_hints(config)
+    hints = typing.get_type_hints(config, include_extras=True)  # keeps each key's Range
     fields = [(key, hints[key], dataclasses.field(default=value)) for key, value in defaults.items()]
     return dataclasses.make_dataclass(f"{config.__name__}_{name}", fields, bases=(config,))

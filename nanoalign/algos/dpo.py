@@ -70,12 +70,13 @@ This implementation differs from the papers in:
   - label smoothing is only defined for "sigmoid" (cDPO) and "robust"; other types reject it.
 """
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from nanoalign.algos.sft import sft_loss
+from nanoalign.config import NON_NEGATIVE, POSITIVE, Range
 from nanoalign.logps import batch_logps
 from nanoalign.reference import Reference, precompute
 from nanoalign.trainer import Algorithm
@@ -148,11 +149,11 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
 @dataclass
 class PreferenceLossConfig:
     """The keys of preference_loss, shared by offline DPO and online DPO."""
-    beta: float = 0.1  # inverse KL strength (DPO beta; IPO tau; SimPO beta)
+    beta: Annotated[float, POSITIVE] = 0.1  # inverse KL strength (DPO beta; IPO tau; SimPO beta)
     loss_type: Literal[LOSS_TYPES] = "sigmoid"  # see the module docstring
-    label_smoothing: float = 0.0  # cDPO / robust DPO: assumed label-flip rate eps
+    label_smoothing: Annotated[float, Range(0, 0.5, high_open=True)] = 0.0  # cDPO / robust DPO: assumed label-flip rate eps
     rdpo_alpha: float = 0.0  # R-DPO length weight alpha
-    dpop_lambda: float = 1.0  # DPO-Positive penalty lambda (the paper: 50; see the module docstring)
+    dpop_lambda: Annotated[float, NON_NEGATIVE] = 1.0  # DPO-Positive penalty lambda (the paper: 50; see the module docstring)
     simpo_gamma: float = 0.5  # SimPO target margin gamma
 
 
@@ -167,7 +168,7 @@ def preference_loss_kwargs(cfg):
 
 @dataclass
 class DPOConfig(PreferenceLossConfig):
-    rpo_alpha: float = 0.0  # weight of the NLL of the chosen answer (RPO; CPO's L_NLL with 1.0)
+    rpo_alpha: Annotated[float, NON_NEGATIVE] = 0.0  # weight of the NLL of the chosen answer (RPO; CPO's L_NLL with 1.0)
     ref_logps: Literal["precompute", "live"] = "precompute"  # reference log-probs once before training, or a live model
 
 

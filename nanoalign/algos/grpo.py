@@ -34,12 +34,13 @@ so its KL gradient is not Eq. 3's; and its loss is the token mean (loss_type="da
 KL knob: kl_coef (beta, the paper's 0.04). Default reward on the toy world: the gold reward (reward_model="gold").
 """
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig, sequence_logps
 from nanoalign.algos.rl_math import kl_penalty, masked_mean
+from nanoalign.config import NON_NEGATIVE, POSITIVE, Range
 
 
 def grpo_advantages(rewards, k, eps=1e-4, scale=True):
@@ -110,9 +111,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, kl_coef=0.0,
 
 @dataclass
 class GRPOConfig(OnlineConfig):
-    samples_per_prompt: int = 8  # G, the group size (TRL: num_generations)
-    kl_coef: float = 0.04  # beta of the k3 KL term (the paper's 0.04); 0 -> no KL term
-    cliprange: float = 0.2  # ratio clip range eps (binds only when epochs > 1)
+    samples_per_prompt: Annotated[int, Range(2)] = 8  # G, the group size (TRL: num_generations)
+    kl_coef: Annotated[float, NON_NEGATIVE] = 0.04  # beta of the k3 KL term (the paper's 0.04); 0 -> no KL term
+    cliprange: Annotated[float, POSITIVE] = 0.2  # ratio clip range eps (binds only when epochs > 1)
     aggregation: Literal["seq_mean", "token_mean"] = "seq_mean"  # see the module docstring
     scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO)
 

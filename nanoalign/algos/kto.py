@@ -39,10 +39,11 @@ A micro-batch may hold one label only: its loss is still defined, and the missin
 """
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
+from nanoalign.config import POSITIVE
 from nanoalign.data import collate, read_jsonl, report, tokenize_binary, unpair
 from nanoalign.logps import batch_logps
 from nanoalign.reference import Reference, precompute
@@ -129,9 +130,9 @@ def side_mean(values):
 
 @dataclass
 class KTOConfig:
-    beta: float = 0.1  # sharpness of the value function (the KL strength)
-    desirable_weight: float = 1.0  # lambda_D
-    undesirable_weight: float = 1.0  # lambda_U
+    beta: Annotated[float, POSITIVE] = 0.1  # sharpness of the value function (the KL strength)
+    desirable_weight: Annotated[float, POSITIVE] = 1.0  # lambda_D
+    undesirable_weight: Annotated[float, POSITIVE] = 1.0  # lambda_U
     ref_logps: Literal["precompute", "live"] = "precompute"  # reference log-probs once before training, or a live model
 
 

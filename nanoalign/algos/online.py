@@ -15,9 +15,11 @@ cannot be replayed, since its samples came from weights that no longer exist).
 """
 import itertools
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
+from nanoalign.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 from nanoalign.data import collate, load_examples, micro_batches
 from nanoalign.reference import Reference
 from nanoalign.rollout import generate_rollout, minibatches, response_logps
@@ -30,15 +32,15 @@ class OnlineConfig:
     reward_model: str = ""  # scorer: "ckpt:<dir>" of --algo=rm, or a registered one ("gold" on the toy world, which
     #                         train.py fills in when no --data is given; PPO gets the toy world's proxy RM)
     monitor_reward: str = ""  # a second reward logged as objective/monitor_scores, not optimised
-    samples_per_prompt: int = 2  # responses sampled per prompt
-    rollout_batch_size: int = 0  # training rows per rollout over all ranks; 0 -> batch_size
-    epochs: int = 1  # passes over each rollout (TRL: num_ppo_epochs / num_iterations); 1 = on-policy
-    max_new_tokens: int = 40  # response budget (cut further to fit the model's block_size)
-    temperature: float = 1.0  # sampling temperature of the rollout (log-probs are of this distribution)
-    top_k: int = 0  # 0 -> off; top-k / top-p make the sampled KL estimate biased
-    top_p: float = 1.0  # 1 -> off
+    samples_per_prompt: Annotated[int, AT_LEAST_1] = 2  # responses sampled per prompt
+    rollout_batch_size: Annotated[int, NON_NEGATIVE] = 0  # training rows per rollout over all ranks; 0 -> batch_size
+    epochs: Annotated[int, AT_LEAST_1] = 1  # passes over each rollout (TRL: num_ppo_epochs / num_iterations); 1 = on-policy
+    max_new_tokens: Annotated[int, AT_LEAST_1] = 40  # response budget (cut further to fit the model's block_size)
+    temperature: Annotated[float, POSITIVE] = 1.0  # sampling temperature of the rollout (log-probs are of this distribution)
+    top_k: Annotated[int, NON_NEGATIVE] = 0  # 0 -> off; top-k / top-p make the sampled KL estimate biased
+    top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0  # 1 -> off
     missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut before its EOS; 0 -> off
-    generation_batch_size: int = 256  # sequences per generate / reference forward call
+    generation_batch_size: Annotated[int, AT_LEAST_1] = 256  # sequences per generate / reference forward call
 
 
 def no_scores(prompts, responses):

@@ -38,11 +38,13 @@ ORPOTrainer: rewards/* = lam * average log-probs (which logps/* report too), and
 log_odds_ratio = mean log sigmoid(Delta) (= -L_OR) and log_odds_chosen = mean Delta.
 """
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 from nanoalign.algos.sft import sft_loss
+from nanoalign.config import NON_NEGATIVE
 from nanoalign.logps import batch_logps
 from nanoalign.trainer import Algorithm
 
@@ -72,7 +74,7 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, lam):
 
 @dataclass
 class ORPOConfig:
-    orpo_lambda: float = 0.1  # weight lam of the odds-ratio term (the paper's lambda; TRL's beta)
+    orpo_lambda: Annotated[float, NON_NEGATIVE] = 0.1  # weight lam of the odds-ratio term (the paper's lambda; TRL's beta)
 
 
 class ORPO(Algorithm):

@@ -59,7 +59,7 @@ Implementation details with pointers, the toy world's reward model and PPO's mea
 """
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,7 @@ import torch.nn as nn
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig
 from nanoalign.algos.rl_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, masked_mean,
                                      masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss)
+from nanoalign.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE
 from nanoalign.loading import load_reward_model
 from nanoalign.model import RewardModel
 from nanoalign.rollout import response_logits_to_logps
@@ -130,25 +131,25 @@ def ppo_targets(scores, eos, logprobs, ref_logprobs, values, mask, kl_coef, kl_e
 class PPOConfig(OnlineConfig):
     # the shared online keys (algos/online.py) with PPO's defaults: a rollout of 64 sequences, one per prompt,
     # 4 epochs over it in minibatches of batch_size (D8), a penalty for a response without EOS (D2)
-    samples_per_prompt: int = 1
-    rollout_batch_size: int = 64
-    epochs: int = 4
+    samples_per_prompt: Annotated[int, AT_LEAST_1] = 1
+    rollout_batch_size: Annotated[int, NON_NEGATIVE] = 64
+    epochs: Annotated[int, AT_LEAST_1] = 4
     missing_eos_penalty: float = 1.0
-    generation_batch_size: int = 64
+    generation_batch_size: Annotated[int, AT_LEAST_1] = 64
     # PPO's own
     recompute_logprobs: bool = False  # old log-probs from a full forward instead of generate()'s (D1)
-    kl_coef: float = 0.05  # beta of the per-token KL penalty (initial value if adaptive) (D3)
+    kl_coef: Annotated[float, NON_NEGATIVE] = 0.05  # beta of the per-token KL penalty (initial value if adaptive) (D3)
     kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimate in the reward (D3)
     adaptive_kl: bool = False  # Ziegler et al.'s proportional controller of beta (D3)
-    kl_target: float = 6.0  # target KL per sequence (nats) of the adaptive controller
-    kl_horizon: int = 10000  # episodes for the controller to move beta by up to 20%
-    gamma: float = 1.0  # GAE discount (D5)
-    lam: float = 0.95  # GAE lambda (D5)
+    kl_target: Annotated[float, POSITIVE] = 6.0  # target KL per sequence (nats) of the adaptive controller
+    kl_horizon: Annotated[int, AT_LEAST_1] = 10000  # episodes for the controller to move beta by up to 20%
+    gamma: Annotated[float, FRACTION] = 1.0  # GAE discount (D5)
+    lam: Annotated[float, FRACTION] = 0.95  # GAE lambda (D5)
     whiten_advantages: bool = True  # (D6)
     whiten_rewards: bool = False  # (D6)
-    cliprange: float = 0.2  # policy ratio clip eps (D7)
-    cliprange_value: float = 0.2  # value clip, in reward units (D7)
-    vf_coef: float = 0.1  # weight of the value loss (D7)
+    cliprange: Annotated[float, POSITIVE] = 0.2  # policy ratio clip eps (D7)
+    cliprange_value: Annotated[float, POSITIVE] = 0.2  # value clip, in reward units (D7)
+    vf_coef: Annotated[float, NON_NEGATIVE] = 0.1  # weight of the value loss (D7)
     critic: Literal["separate", "head"] = "separate"  # separate value model or a head on the policy (D4)
     critic_init: Literal["auto", "reward_model", "policy"] = "auto"  # auto: the RM if there is one, else the policy
 

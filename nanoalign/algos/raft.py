@@ -25,11 +25,13 @@ Default reward on the toy world: the gold reward (reward_model="gold").
 """
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig, sequence_logps
 from nanoalign.algos.sft import sft_loss
+from nanoalign.config import Range
 
 
 def best_of_n_kl(n):
@@ -62,7 +64,7 @@ def best_of_n_sampler(sampler, scorer, tokenizer, n):
 
 @dataclass
 class RAFTConfig(OnlineConfig):
-    samples_per_prompt: int = 8  # n responses per prompt; the best one is trained on (the paper's K)
+    samples_per_prompt: Annotated[int, Range(2)] = 8  # n responses per prompt; the best one is trained on (the paper's K)
 
 
 class RAFT(OnlineAlgorithm):

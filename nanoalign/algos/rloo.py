@@ -24,12 +24,13 @@ This implementation differs from the paper in:
 KL knob: kl_coef (beta). Default reward on the toy world: the gold reward (reward_model="gold").
 """
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig, sequence_logps
 from nanoalign.algos.rl_math import kl_penalty
+from nanoalign.config import NON_NEGATIVE, POSITIVE, Range
 
 
 def rloo_advantages(rewards, k):
@@ -66,10 +67,10 @@ def kl_penalised_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kind="k1
 
 @dataclass
 class RLOOConfig(OnlineConfig):
-    samples_per_prompt: int = 4  # k (TRL: rloo_k); the paper uses k = 2 and 4
-    kl_coef: float = 0.05  # beta of the KL penalty in the reward (TRL's default 0.05)
+    samples_per_prompt: Annotated[int, Range(2)] = 4  # k (TRL: rloo_k); the paper uses k = 2 and 4
+    kl_coef: Annotated[float, NON_NEGATIVE] = 0.05  # beta of the KL penalty in the reward (TRL's default 0.05)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL estimate summed into the reward
-    cliprange: float = 0.2  # sequence-ratio clip range eps (binds only when epochs > 1)
+    cliprange: Annotated[float, POSITIVE] = 0.2  # sequence-ratio clip range eps (binds only when epochs > 1)
 
 
 class RLOO(OnlineAlgorithm):

@@ -23,10 +23,12 @@ training and again after; we normalise once, at the end. Evaluation (--eval_data
 term included, averaged over the eval micro-batches. The toy world's reward model and its accuracy: docs/ppo.md.
 """
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
+from nanoalign.config import AT_LEAST_1, NON_NEGATIVE
 from nanoalign.data import Filtered, collate, read_jsonl, report, tokenize_preference, tokenize_sft
 from nanoalign.model import RewardModel
 from nanoalign.trainer import Algorithm
@@ -61,10 +63,10 @@ def load_pairs(path, tokenizer, max_len, log):
 
 @dataclass
 class RMConfig:
-    rm_center_coef: float = 0.0  # c of the centring term c * mean((r_c + r_r)^2); 0 -> off (TRL suggests 0.01)
+    rm_center_coef: Annotated[float, NON_NEGATIVE] = 0.0  # c of the centring term c * mean((r_c + r_r)^2); 0 -> off (TRL suggests 0.01)
     rm_norm_data: str = ""  # JSONL {"prompt","completion"} of reference samples for the final normalisation;
     #                        "" -> the chosen and rejected completions of the training data
-    rm_norm_samples: int = 2048  # at most this many reference samples
+    rm_norm_samples: Annotated[int, AT_LEAST_1] = 2048  # at most this many reference samples
     rm_readout: str = "eos"  # "eos": the head on the last token; "sum": the sum of the head over every real token
 
 
