@@ -86,6 +86,7 @@ class TrainConfig:
     bucket_by_length: bool = True  # sort each global batch by length before cutting micro-batches (less padding)
     seed: int = 1337  # seeds the model init, the data order and sampling
     log_interval: Annotated[int, AT_LEAST_1] = 10  # log metrics every this many steps
+    report_to: str = "none"  # also log to: none | tensorboard | wandb (comma-separated; nanoalign/report.py)
     eval_interval: Annotated[int, NON_NEGATIVE] = 0  # evaluate every this many steps; 0 -> never
     eval_batches: Annotated[int, AT_LEAST_1] = 10  # micro-batches per evaluation
     ckpt_interval: Annotated[int, NON_NEGATIVE] = 100  # save a checkpoint every this many steps; 0 -> only at the end

@@ -27,6 +27,7 @@ from nanoalign.checkpoint import load_checkpoint, save_checkpoint
 from nanoalign.config import ConfigError, config_to_dict
 from nanoalign.data import collate, load_examples, micro_batches, to_device
 from nanoalign.loading import apply_lora, build_policy, load_trainable_state, trainable_state
+from nanoalign.report import Reporters, parse
 from nanoalign.rundir import check_resumable, claim, trim_metrics
 
 
@@ -321,6 +322,7 @@ def train(cfg, algorithm_cls, stop_after=None):
     claimed first (rundir.claim: refused if it holds another run, locked for this run's life)."""
     rank, world_size, device = setup_distributed(cfg)
     out_dir = Path(cfg.out_dir)
+    parse(cfg.report_to)  # a typo fails before anything is written
     lock = agree(lambda: claim(out_dir, cfg.resume, cfg.overwrite), rank, world_size)  # before anything is written
     try:
         with StopSignal() as stop:
@@ -376,6 +378,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     if rank == 0 and start_step:
         trim_metrics(out_dir / "metrics.jsonl", start_step)  # rows logged after the checkpoint come again
     log_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w") if rank == 0 else None
+    reporters = Reporters(cfg.report_to if rank == 0 else "none", out_dir, config_to_dict(cfg), algo.name)
 
     def save(step):
         weights = trainable_state(module, cfg)
@@ -433,6 +436,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
             if rank == 0:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+                reporters.log(record)
                 shown = ["loss", *algo.key_metrics]
                 bar.set_postfix({k.split("/")[-1]: f"{record[k]:.3g}" for k in shown if k in record})
                 if eval_now and any(k.startswith("eval/") for k in record):
@@ -446,6 +450,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
             bar.close()
             if log_file:
                 log_file.close()
+            reporters.close()
             raise SystemExit(f"stopped by {stop.name} after step {step + 1}; {out_dir / 'ckpt.pt'} holds it: rerun "
                              "with --resume to continue")
         if save_due and boundary and not last:
@@ -456,11 +461,13 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
             bar.close()
             if log_file:
                 log_file.close()
+            reporters.close()
             return out_dir
     bar.close()
     module.eval()
     algo.finish(model)
     save(cfg.max_steps)
+    reporters.close()
     if log_file:
         log_file.close()
         print(f"{algo.name}: {cfg.max_steps - start_step} steps in {time.perf_counter() - started:.0f} s; "

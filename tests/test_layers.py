@@ -15,7 +15,7 @@ LAYERS = [
     {"model", "tokenizer", "chat", "logps", "lora", "checkpoint", "config", "plot"},  # nothing of ours above
     {"hf", "hf.config", "hf.weights", "hf.tokenizer", "hf.peft", "hf.gguf"},   # Hugging Face formats
     {"loading"},                                                               # spec -> model, the one place
-    {"data", "rollout", "reference", "scorers", "judge", "rundir"},           # data and what the loop feeds on
+    {"data", "rollout", "reference", "scorers", "judge", "rundir", "report"},           # data and what the loop feeds on
     {"trainer"},                                                               # THE loop
     {"algos"},                                                                 # algos/*: one file per algorithm
     {"toy", "oaif"},                                                           # toy/*, recipes on real models

@@ -219,3 +219,26 @@ def test_plot_draws_the_curves_of_two_runs(sft_file, tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "c.png").stat().st_size > 5000
     with pytest.raises(FileNotFoundError, match="no metrics"):
         plot_main([str(tmp_path / "nothing")])
+
+
+def test_report_to_tensorboard_writes_the_logged_rows_as_events(sft_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = train(config(*tiny_args(sft_file, tmp_path, report_to="tensorboard", max_steps=3)), SFT)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [round(e.value, 5) for e in loss] == [round(r["loss"], 5) for r in records(out)]
+    with pytest.raises(ValueError, match="unknown \\['tensorbord'\\]"):
+        train(config(*tiny_args(sft_file, tmp_path / "typo", report_to="tensorbord")), SFT)
+    assert not (tmp_path / "typo").exists()  # refused before anything was written
+
+
+def test_report_to_wandb_offline_writes_a_run_folder(sft_file, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = train(config(*tiny_args(sft_file, tmp_path, report_to="wandb", max_steps=2)), SFT)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the run's event log, ready for `wandb sync`
