@@ -16,6 +16,16 @@ def checkpoint_path(spec):
     return path / "ckpt.pt" if path.is_dir() else path
 
 
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def save_checkpoint(path, **state):
     """Write to a temp file of this process's own, fsync it, rename it over `path`, fsync the folder: a crash or a
     power cut mid-write leaves the previous ckpt.pt whole, and two writers never share a temp file."""
@@ -30,6 +40,10 @@ def save_checkpoint(path, **state):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    for stale in path.parent.glob(f"{path.name}.*.tmp"):  # left by a writer killed mid-write (kill -9)
+        pid = stale.name[len(path.name) + 1:].split(".")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)  # the rename itself reaches the disk
