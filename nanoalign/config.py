@@ -80,7 +80,8 @@ class TrainConfig:
     max_nonfinite_steps: Annotated[int, AT_LEAST_1] = 3  # stop after this many steps in a row with a non-finite loss or grad norm
     # system
     device: str = "auto"  # "auto" -> cuda if available else cpu; or "cpu", "cuda", "cuda:1", "mps"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; "auto" -> bfloat16 where supported
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bfloat16: autocast on fp32 weights, no-grad models in
+    #                                                       bf16 (precision.py); auto -> bf16 where measured faster
     compile: bool = False  # torch.compile the model
     fused_logps: bool = True  # log-probs through the fused head (logps.batch_logps); False -> full logits (plain)
     bucket_by_length: bool = True  # sort each global batch by length before cutting micro-batches (less padding)

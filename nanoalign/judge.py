@@ -35,6 +35,7 @@ import torch
 from nanoalign.chat import render_messages, user_content
 from nanoalign.data import collate
 from nanoalign.logps import batch_logps
+from nanoalign.precision import cast_for_inference_, inference_autocast
 
 DEFAULT_TEMPLATE = ("{instruction}\n\nPrompt: {prompt}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
                     "Which response is better, A or B?\nAnswer:")
@@ -73,11 +74,13 @@ class LLMJudge:
     template: a str.format string with {instruction}, {prompt}, {first}, {second}; the answer strings `labels`
     (default " A", " B", the slots of DEFAULT_TEMPLATE) are scored right after it. A judging prompt longer than the
     judge's context is cut from the LEFT (the responses and the question stay; counted in self.truncated).
-    The judge runs in eval mode under no_grad, `batch_size` sequences per forward."""
+    The judge runs in eval mode under no_grad, `batch_size` sequences per forward; with `dtype` (bf16 in a bf16
+    run) its linear weights are stored in that dtype and it answers under autocast (nanoalign/precision.py)."""
 
     def __init__(self, model, tokenizer, instruction, template=DEFAULT_TEMPLATE, labels=(" A", " B"),
-                 batch_size=32, chat_template=None):
-        self.model, self.tokenizer, self.instruction = model.eval().requires_grad_(False), tokenizer, instruction
+                 batch_size=32, chat_template=None, dtype=None):
+        self.model, self.tokenizer, self.instruction = cast_for_inference_(model, dtype), tokenizer, instruction
+        self.dtype = dtype
         self.template, self.batch_size, self.chat_template = template, batch_size, chat_template
         self.label_ids = [tokenizer.encode(label) for label in labels]
         if not all(self.label_ids) or self.label_ids[0] == self.label_ids[1]:
@@ -116,18 +119,22 @@ class LLMJudge:
         examples = [{"input_ids": ids + label, "loss_mask": [0] * len(ids) + [1] * len(label)}
                     for ids in prompt_ids for label in ([[]] if single else self.label_ids)]
         logps = []
-        for i in range(0, len(examples), self.batch_size):
-            batch = collate(examples[i:i + self.batch_size], self.tokenizer.pad_id)
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            if single:
-                last = mask.sum(1) - 1                                     # (b,) each row's last real position
-                logits = self.model(ids, mask)[torch.arange(len(ids)), last].float()  # (b, V)
-                out = logits.log_softmax(-1)[:, [label[0] for label in self.label_ids]]  # (b, 2)
-            else:
-                out, _, _ = batch_logps(self.model, ids, batch["loss_mask"].to(device), mask)  # log p(label | J), (b,)
-            logps.append(out.float().cpu())
+        with inference_autocast(self.model, self.dtype):
+            for i in range(0, len(examples), self.batch_size):
+                logps.append(self._logps(examples[i:i + self.batch_size], single, device))
         logps = torch.cat(logps).view(-1, 2)  # (N, 2): [log p(A | J), log p(B | J)]
         return logps[:, 0] - logps[:, 1]
+
+    def _logps(self, examples, single, device):
+        """log p(label | J) of one batch of judging examples: (b, 2) with single-token labels, else (b,)."""
+        batch = collate(examples, self.tokenizer.pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if single:
+            last = mask.sum(1) - 1                                         # (b,) each row's last real position
+            hidden = self.model(ids, mask, return_hidden=True)[torch.arange(len(ids)), last]  # (b, C)
+            logits = self.model.lm_head(hidden).float()                    # (b, V): the head at one position
+            return logits.log_softmax(-1)[:, [label[0] for label in self.label_ids]].cpu()  # (b, 2)
+        return batch_logps(self.model, ids, batch["loss_mask"].to(device), mask)[0].float().cpu()  # (b,)
 
     def prefer(self, prompts, first, second):
         logodds_ab = self.slot_logodds(prompts, first, second)  # first in slot A

@@ -42,10 +42,15 @@ class CompletionLogps(torch.autograd.Function):
     chunk of logits at its start anyway, so the peak memory is unchanged, and when all N rows fit in one chunk (a
     DPO batch of GPT-2 up to 667 completion tokens) no logits are recomputed at all (2 matmuls in backward, not 3).
     Memory: O(chunk x V) for any N. Cost: one more (n x C x V) matmul in backward per chunk but the last.
+    Mixed precision: `weight` is the head's own (fp32 master) weight and `dtype` the matmul dtype (bf16 under
+    autocast, None otherwise): the cast happens once here and dL/dW is summed in fp32 and returned in the master's
+    dtype, instead of autograd casting a bf16 dL/dW back to fp32 (two (V x C) copies and a rounding per backward).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk):
+    def forward(ctx, hidden, master_weight, targets, temperature, chunk, dtype):
+        weight = master_weight if dtype is None else master_weight.to(dtype)  # (V, C) in the matmul dtype
+        hidden = hidden.to(weight.dtype)
         N = hidden.shape[0]                                                    # hidden (N, C), weight (V, C)
         out = torch.empty(N, device=hidden.device, dtype=torch.float32)       # (N,)
         lse = torch.empty(N, device=hidden.device, dtype=torch.float32)       # (N,) log sum_j exp(z_ij)
@@ -56,7 +61,7 @@ class CompletionLogps(torch.autograd.Function):
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.master_dtype = temperature, chunk, master_weight.dtype
         ctx.last_logits = z if N > 0 else None                                 # (n, V) the last chunk's logits
         return out
 
@@ -78,11 +83,11 @@ class CompletionLogps(torch.autograd.Function):
             dz.scatter_add_(1, t[:, None], g)                                  # + g_i / temperature at j = t_i
             dz = dz.to(hidden.dtype)                                           # (n, V) dL/d(h W^T)
             grad_hidden[s:s + ctx.chunk] = dz @ weight
-            part = (dz.T @ h).float()                                          # (V, C) this chunk's dL/dW
-            grad_weight = part if grad_weight is None else grad_weight.add_(part)
+            part = dz.T @ h                                                    # (V, C) this chunk's dL/dW
+            grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)  # fp32 += bf16: one pass
         if grad_weight is None:                                                # no completion tokens at all
             grad_weight = torch.zeros(weight.shape, device=weight.device)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, grad_weight.to(ctx.master_dtype), None, None, None, None
 
 
 def hidden_states_and_head(model, input_ids, attention_mask):
@@ -112,11 +117,10 @@ def batch_logps(model, input_ids, loss_mask, attention_mask=None, temperature=1.
     hidden, head = found                                       # (B, T, C)
     mask = loss_mask[:, 1:].float()                            # (B, T-1)
     where = mask != 0                                          # completion positions t predict token t+1
-    weight = head.weight
-    if torch.is_autocast_enabled(hidden.device.type):          # the dtype autocast would give the lm_head matmul
-        weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
-    rows = hidden[:, :-1][where].to(weight.dtype)              # (N, C), N = number of completion tokens
-    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    values = CompletionLogps.apply(rows, weight, input_ids[:, 1:][where], float(temperature), chunk)  # (N,)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None  # autocast's for lm_head
+    rows = hidden[:, :-1][where]                               # (N, C), N = number of completion tokens
+    chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    values = CompletionLogps.apply(rows, head.weight, input_ids[:, 1:][where], float(temperature), chunk, dtype)  # (N,)
     per_token = torch.zeros(mask.shape, device=mask.device, dtype=values.dtype).index_put((where,), values) * mask
     return per_token.sum(-1), mask.sum(-1), per_token          # (B,), (B,), (B, T-1)

@@ -1,6 +1,7 @@
 """The one reference model pi_ref, used by every algorithm that has one (DPO family, KTO, PPO, RLOO, GRPO, online DPO).
 
-pi_ref is the policy's initial weights. `Reference(policy, copy=True)` keeps a frozen deep copy for the whole run;
+pi_ref is the policy's initial weights. `Reference(policy, copy=True)` keeps a frozen deep copy for the whole run
+(with `dtype`=bf16 in a bf16 run, its linear weights stored in bf16 once: precision.cast_for_inference_);
 `copy=False` answers with `policy` itself, which is right only before the first optimizer step (the precompute
 pass of the offline algorithms) or when `policy` is already a separate frozen model. Under LoRA there is never a
 copy: pi_ref is the policy with its adapters disabled, exactly the base weights. Every query runs in eval mode (no
@@ -19,14 +20,15 @@ import torch.distributed as dist
 from nanoalign.data import to_device
 from nanoalign.logps import batch_logps
 from nanoalign.lora import disable_lora, lora_layers
+from nanoalign.precision import cast_for_inference_, inference_autocast
 from nanoalign.rollout import response_logps
 
 
 class Reference:
-    def __init__(self, policy, copy=True, fused=True):
-        self.policy, self.fused = policy, fused
+    def __init__(self, policy, copy=True, fused=True, dtype=None):
+        self.policy, self.fused, self.dtype = policy, fused, dtype
         keep_copy = copy and not lora_layers(policy)  # LoRA: the adapters off are pi_ref, no copy
-        self.frozen = copy_module.deepcopy(policy).requires_grad_(False).eval() if keep_copy else None
+        self.frozen = cast_for_inference_(copy_module.deepcopy(policy), dtype) if keep_copy else None
 
     @contextlib.contextmanager
     def model(self):
@@ -34,8 +36,9 @@ class Reference:
         model = self.frozen if self.frozen is not None else self.policy
         was_training = model.training
         model.eval()
+        precision = inference_autocast(model, self.dtype) if model is self.frozen else contextlib.nullcontext()
         try:
-            with disable_lora(model):  # a no-op without adapters
+            with disable_lora(model), precision:  # a no-op without adapters / outside a bf16 run
                 yield model
         finally:
             model.train(was_training)

@@ -15,6 +15,7 @@ Pairwise annotators (an LLM judge; a scorer where the higher score wins) live in
 import torch
 
 from nanoalign.loading import load_reward_model
+from nanoalign.precision import cast_for_inference_, inference_autocast
 
 SCORERS = {}  # name -> scorer(prompts, responses), filled by register_scorer
 
@@ -26,10 +27,13 @@ def register_scorer(name, scorer):
 
 class RewardModelScorer:
     """A trained reward model (model.py RewardModel, trained by algos/rm.py) as a scorer of text, `batch_size` sequences per forward,
-    in eval mode under no_grad. A sequence longer than the model's context loses the start of its prompt."""
+    in eval mode under no_grad; with `dtype` (bf16 in a bf16 run) its linear weights are stored in that dtype and it
+    answers under autocast (nanoalign/precision.py). A sequence longer than the model's context loses the start of
+    its prompt."""
 
-    def __init__(self, reward_model, tokenizer, batch_size=64):
-        self.model, self.tokenizer, self.batch_size = reward_model.eval().requires_grad_(False), tokenizer, batch_size
+    def __init__(self, reward_model, tokenizer, batch_size=64, dtype=None):
+        self.model, self.tokenizer, self.batch_size = cast_for_inference_(reward_model, dtype), tokenizer, batch_size
+        self.dtype = dtype
 
     def encode(self, prompt, response):
         """[bos] + prompt + response + [eos], prompt and response encoded separately (as nanoalign.data does)."""
@@ -50,12 +54,14 @@ class RewardModelScorer:
             mask = torch.zeros((len(chunk), T), dtype=torch.long)
             for j, row in enumerate(chunk):
                 ids[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), 1
-            out.append(self.model(ids.to(device), mask.to(device)).float().cpu())         # (b,) at each EOS
+            with inference_autocast(self.model, self.dtype):
+                out.append(self.model(ids.to(device), mask.to(device)).float().cpu())     # (b,) at each EOS
         return torch.cat(out)
 
 
-def get_scorer(spec, device="cpu", batch_size=64):
-    """A scorer from a spec string: a registered name ("gold") or "ckpt:<dir>" (a bare path means a checkpoint)."""
+def get_scorer(spec, device="cpu", batch_size=64, dtype=None):
+    """A scorer from a spec string: a registered name ("gold") or "ckpt:<dir>" (a bare path means a checkpoint);
+    `dtype`: the reward model's inference dtype (RewardModelScorer)."""
     if spec in SCORERS:
         return SCORERS[spec]
     if not spec:
@@ -63,4 +69,4 @@ def get_scorer(spec, device="cpu", batch_size=64):
     if spec == "gold":
         raise ValueError('reward "gold" is the toy world\'s: import nanoalign.toy to register it')
     model, tokenizer = load_reward_model(spec, device)
-    return RewardModelScorer(model, tokenizer, batch_size)
+    return RewardModelScorer(model, tokenizer, batch_size, dtype)

@@ -27,6 +27,7 @@ from nanoalign.checkpoint import load_checkpoint, save_checkpoint
 from nanoalign.config import ConfigError, config_to_dict
 from nanoalign.data import collate, load_examples, micro_batches, to_device
 from nanoalign.loading import apply_lora, build_policy, load_trainable_state, trainable_state
+from nanoalign.precision import bf16_is_faster
 from nanoalign.report import Reporters, parse
 from nanoalign.rundir import check_resumable, claim, trim_metrics
 
@@ -40,6 +41,7 @@ class Context:
     micro_batch_size: int
     grad_accum: int
     autocast: object  # a zero-argument callable returning the autocast context manager
+    inference_dtype: object = None  # what no-grad models are stored in: torch.bfloat16 in a bf16 run (precision.py)
 
     @property
     def master(self):
@@ -154,13 +156,20 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(cfg, device):
-    """"auto" is bf16 where the hardware computes in it natively (CUDA with bf16, CPUs with avx512_bf16/AMX)."""
+def resolve_dtype(cfg, device, model_cfg, world_size=1):
+    """"auto" is bf16 on CUDA GPUs that support it, and on CPUs with native bf16 (avx512_bf16 / AMX) only where a
+    matmul of the model's MLP shape is measured faster in bf16 (precision.bf16_is_faster); rank 0's measurement
+    decides for every rank."""
     if cfg.dtype != "auto":
         return cfg.dtype
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
+    faster = device.type == "cpu" and cpu_has_bf16() and bf16_is_faster(model_cfg.n_embd, model_cfg.mlp_hidden)
+    if world_size > 1:
+        decision = torch.tensor([float(faster)])
+        dist.broadcast(decision, 0)
+        faster = bool(decision.item())
+    return "bfloat16" if faster else "float32"
 
 
 def make_optimizer(module, cfg, device):
@@ -284,23 +293,30 @@ def train_step(model, module, algo, optimizer, batches, grad_clip, on_micro_batc
     backward of loss / grad_accum; under DDP the gradients are all-reduced on the last one only), the global gradient
     norm (clipped to grad_clip when > 0), then AdamW -- unless the loss or the norm is non-finite on any rank: then the
     gradients are dropped and the weights stay as they were, on every rank alike.
+    Mixed precision: the micro-batches are fetched first (an online algorithm's rollout, with its no-grad forwards,
+    happens there), then ONE autocast region spans every forward of the step, so autocast casts each fp32 weight to
+    bf16 once per optimizer step and reuses the cast for every micro-batch (its cache lives until the outermost
+    region exits); each backward runs in a nested region with autocast off, as PyTorch recommends, which keeps that
+    cache (a no-grad forward inside the region caches nothing that would cut a gradient off).
+    tests/test_mixed_precision.py checks the gradients against one region per micro-batch for every algorithm.
     Returns (metric sums over the micro-batches, {"data": s, "update": s}, stepped). `on_micro_batch(batch, metrics)`
     is called after each backward (the benchmark counts tokens there)."""
-    ctx, sums, times = algo.ctx, {}, {"data": 0.0, "update": 0.0}
-    for micro in range(ctx.grad_accum):
-        t0 = time.perf_counter()
-        batch = to_device(next(batches), ctx.device)  # online algorithms roll out here
-        t1 = time.perf_counter()
-        if ctx.world_size > 1:  # all-reduce gradients only on the last micro-step (set before its forward)
-            model.require_backward_grad_sync = micro == ctx.grad_accum - 1
-        with ctx.autocast():
+    ctx, sums = algo.ctx, {}
+    t0 = time.perf_counter()
+    step_batches = [to_device(next(batches), ctx.device) for _ in range(ctx.grad_accum)]  # online: rollouts here
+    t1 = time.perf_counter()
+    times = {"data": t1 - t0, "update": 0.0}
+    with ctx.autocast():
+        for micro, batch in enumerate(step_batches):
+            if ctx.world_size > 1:  # all-reduce gradients only on the last micro-step (set before its forward)
+                model.require_backward_grad_sync = micro == ctx.grad_accum - 1
             loss, metrics = algo.loss(model, batch)
-        (loss / ctx.grad_accum).backward()
-        times["data"] += t1 - t0
-        times["update"] += time.perf_counter() - t1
-        add_metrics(sums, {"loss": loss, **metrics})
-        if on_micro_batch is not None:
-            on_micro_batch(batch, metrics)
+            with torch.autocast(ctx.device.type, enabled=False):
+                (loss / ctx.grad_accum).backward()
+            add_metrics(sums, {"loss": loss, **metrics})
+            if on_micro_batch is not None:
+                on_micro_batch(batch, metrics)
+    times["update"] += time.perf_counter() - t1
     t2 = time.perf_counter()
     trainable = [p for p in module.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))  # inf: no clip
@@ -338,11 +354,12 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     if micro_batch_size != cfg.micro_batch_size and rank == 0:
         print(f"micro_batch_size {cfg.micro_batch_size} -> {micro_batch_size}: batch_size {cfg.batch_size} over "
               f"{world_size} rank(s) is {cfg.batch_size // world_size} examples per rank per step")
-    dtype = resolve_dtype(cfg, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     policy, tokenizer = build_policy(cfg, device)  # with LoRA adapters already, so pi_ref = adapters off
-    ctx = Context(device, rank, world_size, micro_batch_size, grad_accum, autocast)
+    dtype = resolve_dtype(cfg, device, policy.cfg, world_size)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
+    ctx = Context(device, rank, world_size, micro_batch_size, grad_accum, autocast,
+                  torch.bfloat16 if dtype == "bfloat16" else None)
     algo = algorithm_cls(cfg, policy, tokenizer, ctx)
     apply_lora(algo.module, cfg)  # LoRA: adapters on any other LM the algorithm built (a critic); else a no-op
     module = algo.module.to(device)

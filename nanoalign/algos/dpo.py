@@ -185,7 +185,8 @@ class DPO(Algorithm):
         self.examples, self.eval_examples = self.load_data("preference")
         self.reference = None
         if cfg.loss_type not in REFERENCE_FREE:
-            self.reference = Reference(policy, copy=cfg.ref_logps == "live", fused=cfg.fused_logps)
+            self.reference = Reference(policy, copy=cfg.ref_logps == "live", fused=cfg.fused_logps,
+                                       dtype=ctx.inference_dtype)
             if cfg.ref_logps == "precompute":
                 for examples in (self.examples, self.eval_examples):
                     precompute(examples, ("ref_chosen_logps", "ref_rejected_logps"), self.reference_logps,

@@ -155,7 +155,8 @@ class KTO(Algorithm):
         for examples in (self.examples, self.eval_examples):
             if examples:
                 add_mismatched_pairs(examples, cfg.seed, max_len, n_bos)
-        self.reference = Reference(policy, copy=cfg.ref_logps == "live", fused=cfg.fused_logps)
+        self.reference = Reference(policy, copy=cfg.ref_logps == "live", fused=cfg.fused_logps,
+                                   dtype=ctx.inference_dtype)
         if cfg.ref_logps == "precompute":
             for examples in (self.examples, self.eval_examples):
                 precompute(examples, ("ref_logps", "ref_kl_logps"), self.reference_logps, self.collate, ctx)

@@ -70,9 +70,10 @@ class OnlineAlgorithm(Algorithm):
                              "toy world, which train.py fills in when no --data is given)")
         max_prompt_len = max(1, self.max_len - cfg.max_new_tokens)
         self.prompts = load_examples(cfg.data, "prompt", tokenizer, cfg.max_len, max_prompt_len, log=self.log)
-        self.scorer = get_scorer(cfg.reward_model, ctx.device) if cfg.reward_model else no_scores
-        self.monitor = get_scorer(cfg.monitor_reward, ctx.device) if cfg.monitor_reward else None
-        self.reference = Reference(policy, fused=cfg.fused_logps) if self.uses_reference else None
+        dtype = ctx.inference_dtype  # no-grad models in bf16 in a bf16 run (nanoalign/precision.py)
+        self.scorer = get_scorer(cfg.reward_model, ctx.device, dtype=dtype) if cfg.reward_model else no_scores
+        self.monitor = get_scorer(cfg.monitor_reward, ctx.device, dtype=dtype) if cfg.monitor_reward else None
+        self.reference = Reference(policy, fused=cfg.fused_logps, dtype=dtype) if self.uses_reference else None
         rollout_rows = cfg.rollout_batch_size or cfg.batch_size  # over all ranks
         if rollout_rows % cfg.batch_size or rollout_rows % (ctx.world_size * self.rows_per_prompt):
             raise ValueError(f"{self.name}: rollout_batch_size={rollout_rows} must be a multiple of batch_size="

@@ -79,7 +79,7 @@ class OnlineDPO(OnlineAlgorithm):
             chat = None if chat == "plain" else chat
             labels = tuple(("" if chat else " ") + label.strip() for label in cfg.judge_labels.split(","))
             self.annotator = LLMJudge(judge_model, judge_tokenizer, cfg.judge_instruction, cfg.judge_template, labels,
-                                      chat_template=chat)
+                                      chat_template=chat, dtype=ctx.inference_dtype)
         else:
             self.annotator = ScoreAnnotator(self.scorer)
 

@@ -1,0 +1,61 @@
+"""What a bf16 run means in nanoalign: training under autocast on fp32 master weights, no-grad models stored in bf16.
+
+Training keeps fp32 weights and optimizer state and runs its forwards under torch.autocast (one region per optimizer
+step, trainer.train_step), so checkpoints stay fp32. Models that only ever answer under no_grad (the frozen
+reference, a reward model, an LLM judge) are cast ONCE with `cast_for_inference_`: the weights autocast would cast
+on every call, those of nn.Linear layers (the head included, untied from the embedding), are stored in bf16; norms
+and embeddings keep their dtype. Under the same autocast such a model computes exactly what its fp32 original
+computes (the casts are the same roundings; tests/test_mixed_precision.py checks bit equality), without re-casting
+its weights per call, and with half their memory. `inference_autocast` is the context they answer in.
+
+`bf16_is_faster` is what dtype="auto" asks on a CPU: bf16 matmuls are fast only on some CPUs (AVX512-BF16, AMX),
+and on a small model the casts around them cost more than they save, so it times the model's own MLP matmul in
+both dtypes (docs/performance.md has the measurements).
+"""
+import contextlib
+import time
+
+import torch
+import torch.nn as nn
+
+
+def cast_for_inference_(model, dtype):
+    """Store every nn.Linear weight and bias of `model` in `dtype`, in place (a tied head gets its own copy, the
+    embedding keeps its dtype); freeze it and put it in eval mode. Returns `model`."""
+    model.requires_grad_(False).eval()
+    if dtype is None:
+        return model
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+            if module.bias is not None:
+                module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return model
+
+
+def inference_autocast(model, dtype):
+    """The autocast context a model cast by cast_for_inference_(model, dtype) answers in (a no-op for None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
+def _best_seconds(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bf16_is_faster(n_embd, hidden=None, rows=512, repeats=5, margin=1.2):
+    """True when a (rows x n_embd) @ (n_embd x hidden) matmul, the model's MLP shape, runs `margin` times faster
+    in bf16 than in fp32 on this CPU (the rest of a step gains less than its matmuls, hence the margin)."""
+    hidden = hidden or 4 * n_embd
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(rows, n_embd, dtype=dtype), torch.randn(n_embd, hidden, dtype=dtype)
+        a @ b  # warm-up: the first call picks a kernel
+        timings[dtype] = _best_seconds(lambda: a @ b, repeats)
+    return timings[torch.float32] >= margin * timings[torch.bfloat16]

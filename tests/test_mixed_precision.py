@@ -1,0 +1,182 @@
+"""bf16 done as the trainer does it, against the plain way: one autocast region per optimizer step gives the same
+gradients as one region per micro-batch (for every algorithm class), the fused log-probs return the fp32 master
+weight's gradient, and the reference's bf16 inference copy answers exactly as the fp32 policy under autocast."""
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoalign.algos import algo_config, get_algorithm
+from nanoalign.config import load_config
+from nanoalign.data import to_device
+from nanoalign.loading import build_policy
+from nanoalign.judge import LLMJudge
+from nanoalign.logps import batch_logps
+from nanoalign.model import GPT, GPTConfig, RewardModel, llama_config
+from nanoalign.precision import bf16_is_faster
+from nanoalign.reference import Reference
+from nanoalign.rollout import response_logps
+from nanoalign.scorers import RewardModelScorer
+from nanoalign.tokenizer import get_tokenizer
+from nanoalign import trainer
+from nanoalign.trainer import Context, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+BF16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+DATA = {"preference": "preference.jsonl", "binary": "binary.jsonl", "sft": "sft.jsonl", "prompt": "prompts.jsonl"}
+ALGOS = ["sft", "dpo", "kto", "orpo", "coh", "rm", "ppo", "online_dpo", "rloo", "grpo", "raft"]  # every class
+
+
+def build(name, tmp_path, **kw):
+    algo_cls = get_algorithm(name)
+    args = dict(algo=name, data=ROOT / "data/examples" / DATA[algo_cls.data_format], out_dir=tmp_path,
+                init_from="scratch", tokenizer="bytes", n_layer=1, n_head=2, n_embd=32, block_size=128, max_len=128,
+                batch_size=8, micro_batch_size=4, max_steps=2, dtype="bfloat16", dropout=0.0, seed=3)
+    keys = {f.name for f in dataclasses.fields(algo_cls.Config)} if algo_cls.Config else set()
+    online = dict(reward_model="gold", max_new_tokens=6, rollout_batch_size=8)
+    args.update({k: v for k, v in online.items() if k in keys})
+    args.update(kw)
+    cfg = load_config([f"--{k}={v}" for k, v in args.items()], algo_config)
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = build_policy(cfg, CPU)
+    ctx = Context(CPU, 0, 1, cfg.micro_batch_size, cfg.batch_size // cfg.micro_batch_size, BF16, torch.bfloat16)
+    return algo_cls(cfg, policy, tokenizer, ctx)
+
+
+class GradientCapture:
+    """An optimizer stand-in: step() records every trainable parameter's gradient."""
+
+    def __init__(self, module):
+        self.module, self.grads = module, None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none=True):
+        self.module.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_one_autocast_region_per_step_gives_the_gradients_of_one_region_per_micro_batch(name, tmp_path):
+    """train_step casts each weight once per step and runs backward with autocast off; the plain way (autocast
+    around each micro-batch's forward, backward outside) must give bit-identical gradients, and every parameter
+    that gets a gradient there gets one here (a cast cached without autograd history would carry none)."""
+    algo = build(name, tmp_path)
+    module = algo.module
+    with torch.no_grad():  # off the initial weights, so that no gradient is zero by symmetry (DPO at pi_ref)
+        for p in module.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    step = [to_device(next(algo.batches(0)), CPU) for _ in range(algo.ctx.grad_accum)]
+    module.zero_grad(set_to_none=True)
+    for batch in step:
+        with BF16():
+            loss, _ = algo.loss(module, batch)
+        (loss / algo.ctx.grad_accum).backward()
+    plain = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    capture = GradientCapture(module)
+    _, _, stepped = train_step(module, module, algo, capture, iter(step), grad_clip=0.0)
+    assert stepped and plain and capture.grads.keys() == plain.keys()
+    for n in plain:
+        assert torch.equal(capture.grads[n], plain[n]), n
+        assert capture.grads[n].dtype == torch.float32, n  # the master weights' dtype
+
+
+def test_fused_logps_head_gradient_is_summed_in_fp32_and_returned_as_the_master_dtype():
+    """Under autocast the head's matmuls run in bf16, but dL/dW comes back in fp32 without a bf16 round trip:
+    it matches the fp32 computation far closer than bf16 rounding of the gradient itself (~4e-3 relative) would."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    ids = torch.randint(0, 97, (4, 20))
+    mask = torch.ones(4, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch_logps(model, ids, mask)[0].sum().backward()
+    grad = model.lm_head.weight.grad
+    assert grad.dtype == torch.float32
+    rounded = grad.to(torch.bfloat16).float()
+    assert not torch.equal(grad, rounded)  # not a bf16 value stored in fp32
+
+
+# ------------------------------------------------------------------------- no-grad models stored in bf16
+def tiny_model(arch):
+    torch.manual_seed(0)
+    make = llama_config if arch == "llama" else GPTConfig
+    return GPT(make(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32,
+                    **({"n_kv_head": 2} if arch == "llama" else {})))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # gpt2: a head tied to the embedding, which the copy unties
+def test_bf16_reference_copy_answers_exactly_as_the_policy_under_autocast(arch):
+    policy = tiny_model(arch)
+    ids, mask = torch.randint(0, 97, (4, 20)), torch.ones(4, 20)
+    reference = Reference(policy, copy=True, dtype=torch.bfloat16)
+    assert reference.frozen.lm_head.weight.dtype == torch.bfloat16
+    assert reference.frozen.tok_emb.weight.dtype == torch.float32  # embeddings and norms keep their dtype
+    with torch.no_grad(), BF16():
+        expected = batch_logps(policy, ids, mask)[0]
+    assert torch.equal(reference.logps(ids, mask), expected)  # queried outside autocast: it enters its own
+    fp32 = Reference(policy, copy=True).logps(ids, mask)
+    assert not torch.equal(fp32, expected)  # the comparison is not vacuous: bf16 does change the numbers
+    assert policy.lm_head.weight.dtype == torch.float32 and policy.lm_head.weight is policy.tok_emb.weight or \
+        arch == "llama"  # the policy itself is untouched
+
+
+def test_bf16_reward_model_and_judge_answer_as_their_fp32_originals_under_autocast():
+    tok = get_tokenizer("bytes")
+    torch.manual_seed(0)
+    backbone = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=32))
+    rm = RewardModel(backbone)
+    prompts, responses = ["the film", "a plot"], [" was good", " was dull and long"]
+    with BF16():
+        expected = RewardModelScorer(copy.deepcopy(rm), tok)(prompts, responses)
+    scorer = RewardModelScorer(copy.deepcopy(rm), tok, dtype=torch.bfloat16)
+    assert scorer.model.head.weight.dtype == torch.bfloat16
+    assert torch.equal(scorer(prompts, responses), expected)
+    judge_fp32 = LLMJudge(copy.deepcopy(backbone), tok, "Which is better?")
+    with BF16():
+        expected = judge_fp32.slot_logodds(prompts, responses, responses[::-1])
+    judge = LLMJudge(copy.deepcopy(backbone), tok, "Which is better?", dtype=torch.bfloat16)
+    assert torch.equal(judge.slot_logodds(prompts, responses, responses[::-1]), expected)
+
+
+@pytest.mark.parametrize("name, tolerance", [("grpo", 0.0), ("ppo", 1e-3)])
+def test_bf16_run_ratio_and_kl_at_step_0(name, tolerance, tmp_path):
+    """Old log-probs in a bf16 run. GRPO (like RLOO and online DPO) recomputes them with the policy under the run's
+    autocast, the forward its loss runs, and the reference is the bf16 copy under the same autocast: at step 0 the
+    ratio pi / pi_old is exactly 1 and the KL to the reference exactly 0. PPO keeps generate()'s incremental KV-cache
+    log-probs (lm-human-preferences; recompute_logprobs=true switches): under bf16 they differ from the full
+    forward's by rounding, so its first ratio is 1 within `tolerance` per token."""
+    algo = build(name, tmp_path)
+    assert algo.reference.frozen.lm_head.weight.dtype == torch.bfloat16
+    batch = to_device(next(algo.batches(0)), CPU)
+    with torch.no_grad(), BF16():
+        logp = response_logps(algo.policy, batch, algo.cfg.temperature)  # what the first update's loss computes
+    mask = batch["response_mask"].bool()
+    ratio = torch.exp(logp - batch["logprobs"])[mask]
+    assert (ratio - 1).abs().max().item() <= tolerance
+    if name == "grpo":
+        assert float(algo.rollout_metrics["objective/kl"]) == 0.0
+    if name == "ppo":  # the tolerance is not slack: generate's log-probs do differ under bf16
+        assert (ratio - 1).abs().max().item() > 0
+
+
+def test_bf16_is_faster_compares_the_two_timings():
+    assert bf16_is_faster(64, rows=64, repeats=1, margin=0.0)  # any positive time is >= 0 x the other
+    assert not bf16_is_faster(64, rows=64, repeats=1, margin=float("inf"))
+
+
+def test_auto_dtype_is_bf16_only_where_measured_faster(monkeypatch):
+    model_cfg = GPTConfig(vocab_size=97, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    cfg = load_config(["--dtype=auto"])
+    assert trainer.resolve_dtype(load_config(["--dtype=float32"]), CPU, model_cfg) == "float32"
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
+    assert trainer.resolve_dtype(cfg, CPU, model_cfg) == "float32"  # no native bf16: never
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    shapes = []
+    monkeypatch.setattr(trainer, "bf16_is_faster", lambda n_embd, hidden: shapes.append((n_embd, hidden)) or True)
+    assert trainer.resolve_dtype(cfg, CPU, model_cfg) == "bfloat16" and shapes == [(32, 128)]  # the model's MLP
+    monkeypatch.setattr(trainer, "bf16_is_faster", lambda n_embd, hidden: False)
+    assert trainer.resolve_dtype(cfg, CPU, model_cfg) == "float32"
