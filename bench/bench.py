@@ -183,6 +183,21 @@ def ratio_lines(results):
     return lines
 
 
+def speedup_lines(results):
+    """One line per bf16 row: its step time against the fp32 row of the same device, model, algorithm and switches
+    (the fp32 -> bf16 speed-up; each row's MFU is already against its own dtype's measured matmul peak)."""
+    same = lambda r: tuple(r[k] for k in ("device", "model", "algo", *SWITCHES))  # noqa: E731
+    fp32 = {same(r): r for r in results if r["dtype"] == "fp32" and "error" not in r}
+    lines = []
+    for r in results:
+        f = fp32.get(same(r))
+        if r["dtype"] != "bf16" or "error" in r or f is None:
+            continue
+        lines.append(f"speed-up fp32 -> bf16, {r['device']} {r['model']} {r['algo']} ({r['variant']}): "
+                     f"{f['step_s'] / r['step_s']:.2f}x ({f['step_s']:.3f} s / {r['step_s']:.3f} s)")
+    return lines
+
+
 def format_table(results):
     head = ["device", "model", "params", "dtype", "algo", "variant", "tokens/step", "step s", "(data s)",
             "tokens/s", "peak MB", "run MB", "trainable", "opt+grad MB", "MFU %", "pad %"]
@@ -240,7 +255,7 @@ def main(argv=None):
             results += rows
             print("\n".join(format_table(rows).splitlines()[2:]), flush=True)
     print("\n" + format_table(results))
-    for line in ratio_lines(results):
+    for line in ratio_lines(results) + speedup_lines(results):
         print(line)
     for note in notes:
         print("note:", note)

@@ -182,7 +182,8 @@ def make_algorithm(spec, device, model, autocast, workdir, workload, data=None):
         online["rollout_batch_size"] = rollout["batch"]
     args += [f"--{k}={v}" for k, v in online.items() if k in keys]
     cfg = load_config(args, algo_config)
-    ctx = Context(device, 0, 1, workload["micro"], workload["batch"] // workload["micro"], autocast)
+    ctx = Context(device, 0, 1, workload["micro"], workload["batch"] // workload["micro"], autocast,
+                  torch.bfloat16 if spec["dtype"] == "bf16" else None)  # as trainer.run builds it
     if cfg.lora_rank:  # random weights stand in for a pretrained base (apply_lora refuses "scratch" in real runs)
         pretrained = dataclasses.replace(cfg, init_from="random weights (benchmark)")
         apply_lora(model, pretrained)

@@ -35,7 +35,6 @@ import torch
 from nanoalign.chat import render_messages, user_content
 from nanoalign.data import collate
 from nanoalign.logps import batch_logps
-from nanoalign.precision import cast_for_inference_, inference_autocast
 
 DEFAULT_TEMPLATE = ("{instruction}\n\nPrompt: {prompt}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
                     "Which response is better, A or B?\nAnswer:")
@@ -74,13 +73,13 @@ class LLMJudge:
     template: a str.format string with {instruction}, {prompt}, {first}, {second}; the answer strings `labels`
     (default " A", " B", the slots of DEFAULT_TEMPLATE) are scored right after it. A judging prompt longer than the
     judge's context is cut from the LEFT (the responses and the question stay; counted in self.truncated).
-    The judge runs in eval mode under no_grad, `batch_size` sequences per forward; with `dtype` (bf16 in a bf16
-    run) its linear weights are stored in that dtype and it answers under autocast (nanoalign/precision.py)."""
+    The judge runs in eval mode under no_grad, `batch_size` sequences per forward, in fp32 even in a bf16 run:
+    bf16 logits round a judge's log-odds to steps of ~1/16, as large as the content signal of a small judge
+    (SmolLM2-135M's is ~0.1; docs/real-model.md)."""
 
     def __init__(self, model, tokenizer, instruction, template=DEFAULT_TEMPLATE, labels=(" A", " B"),
-                 batch_size=32, chat_template=None, dtype=None):
-        self.model, self.tokenizer, self.instruction = cast_for_inference_(model, dtype), tokenizer, instruction
-        self.dtype = dtype
+                 batch_size=32, chat_template=None):
+        self.model, self.tokenizer, self.instruction = model.eval().requires_grad_(False), tokenizer, instruction
         self.template, self.batch_size, self.chat_template = template, batch_size, chat_template
         self.label_ids = [tokenizer.encode(label) for label in labels]
         if not all(self.label_ids) or self.label_ids[0] == self.label_ids[1]:
@@ -118,22 +117,22 @@ class LLMJudge:
         single = all(len(label) == 1 for label in self.label_ids)  # one row per pair: both labels at its last position
         examples = [{"input_ids": ids + label, "loss_mask": [0] * len(ids) + [1] * len(label)}
                     for ids in prompt_ids for label in ([[]] if single else self.label_ids)]
-        logps = []
-        with inference_autocast(self.model, self.dtype):
-            for i in range(0, len(examples), self.batch_size):
-                logps.append(self._logps(examples[i:i + self.batch_size], single, device))
-        logps = torch.cat(logps).view(-1, 2)  # (N, 2): [log p(A | J), log p(B | J)]
-        return logps[:, 0] - logps[:, 1]
+        scores = [self._label_scores(examples[i:i + self.batch_size], single, device)
+                  for i in range(0, len(examples), self.batch_size)]
+        scores = torch.cat(scores).view(-1, 2)  # (N, 2): log p(A | J), log p(B | J), up to one constant per row
+        return scores[:, 0] - scores[:, 1]
 
-    def _logps(self, examples, single, device):
-        """log p(label | J) of one batch of judging examples: (b, 2) with single-token labels, else (b,)."""
+    def _label_scores(self, examples, single, device):
+        """One batch of judging examples -> (b, 2) label logits z_A, z_B at the end of J with single-token labels
+        (log p(A | J) - log p(B | J) = z_A - z_B: the softmax normaliser cancels, so the head runs for the two
+        label rows only), else (b,) log p(label | J)."""
         batch = collate(examples, self.tokenizer.pad_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if single:
             last = mask.sum(1) - 1                                         # (b,) each row's last real position
             hidden = self.model(ids, mask, return_hidden=True)[torch.arange(len(ids)), last]  # (b, C)
-            logits = self.model.lm_head(hidden).float()                    # (b, V): the head at one position
-            return logits.log_softmax(-1)[:, [label[0] for label in self.label_ids]].cpu()  # (b, 2)
+            rows = self.model.lm_head.weight[[label[0] for label in self.label_ids]]          # (2, C)
+            return (hidden.float() @ rows.float().T).cpu()                 # (b, 2)
         return batch_logps(self.model, ids, batch["loss_mask"].to(device), mask)[0].float().cpu()  # (b,)
 
     def prefer(self, prompts, first, second):

@@ -124,7 +124,7 @@ def test_bf16_reference_copy_answers_exactly_as_the_policy_under_autocast(arch):
         arch == "llama"  # the policy itself is untouched
 
 
-def test_bf16_reward_model_and_judge_answer_as_their_fp32_originals_under_autocast():
+def test_bf16_reward_model_answers_as_its_fp32_original_under_autocast():
     tok = get_tokenizer("bytes")
     torch.manual_seed(0)
     backbone = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=32))
@@ -135,11 +135,21 @@ def test_bf16_reward_model_and_judge_answer_as_their_fp32_originals_under_autoca
     scorer = RewardModelScorer(copy.deepcopy(rm), tok, dtype=torch.bfloat16)
     assert scorer.model.head.weight.dtype == torch.bfloat16
     assert torch.equal(scorer(prompts, responses), expected)
-    judge_fp32 = LLMJudge(copy.deepcopy(backbone), tok, "Which is better?")
-    with BF16():
-        expected = judge_fp32.slot_logodds(prompts, responses, responses[::-1])
-    judge = LLMJudge(copy.deepcopy(backbone), tok, "Which is better?", dtype=torch.bfloat16)
-    assert torch.equal(judge.slot_logodds(prompts, responses, responses[::-1]), expected)
+
+
+def test_judge_label_logits_give_the_log_softmax_log_odds():
+    """The judge runs its head on the two label rows only: z_A - z_B equals log p(A) - log p(B) of the full
+    distribution at the end of the judging prompt."""
+    tok = get_tokenizer("bytes")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=4, n_embd=32))
+    judge = LLMJudge(model, tok, "Which is better?", labels=("A", "B"))  # one byte each: the one-row path
+    prompts, first, second = ["the film", "a plot"], [" was good", " was dull"], [" was bad", " was long"]
+    ids = [judge.judge_prompt_ids(p, x, y) for p, x, y in zip(prompts, first, second)]
+    labels = [label[0] for label in judge.label_ids]
+    expected = torch.stack([model(torch.tensor([row]))[0, -1].log_softmax(-1)[labels] for row in ids])  # (N, 2)
+    torch.testing.assert_close(judge.slot_logodds(prompts, first, second), expected[:, 0] - expected[:, 1],
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name, tolerance", [("grpo", 0.0), ("ppo", 1e-3)])

@@ -79,7 +79,7 @@ class OnlineDPO(OnlineAlgorithm):
             chat = None if chat == "plain" else chat
             labels = tuple(("" if chat else " ") + label.strip() for label in cfg.judge_labels.split(","))
             self.annotator = LLMJudge(judge_model, judge_tokenizer, cfg.judge_instruction, cfg.judge_template, labels,
-                                      chat_template=chat, dtype=ctx.inference_dtype)
+                                      chat_template=chat)
         else:
             self.annotator = ScoreAnnotator(self.scorer)
 
@@ -88,8 +88,7 @@ class OnlineDPO(OnlineAlgorithm):
         if isinstance(self.annotator, ScoreAnnotator):  # the rollout already scored both: same rule, no second call
             p_first = score_preference(rollout.scores[0::2], rollout.scores[1::2])
         else:
-            # in fp32, not autocast: bf16 logits round a judge's log-odds to steps of ~1/16, as large as the
-            # content signal of a small judge (SmolLM2-135M's is ~0.1; docs/real-model.md)
+            # in fp32, not autocast, even in a bf16 run (LLMJudge's docstring says why)
             p_first = self.annotator.prefer(prompts, first, second).to(rollout.scores.device)
             self.rollout_metrics["judge/position_bias"] = self.annotator.last_position_bias
             self.rollout_metrics["judge/disagreement"] = self.annotator.last_disagreement
