@@ -20,6 +20,11 @@ d = q(first) - q(second) exactly: the bias b cancels, and (l1 + l2) / 2 = b meas
 The position-bias RATE is how often the two orders disagree, sign(l(first, second)) != -sign(l(second, first))
 (judge/disagreement); `last_agree` marks the pairs where they agree, which online DPO can keep alone
 (judge_agreement, as the OAIF recipe counts a label only when both orders give it).
+Calibration (calibrate=True; our addition, not OAIF's). A small judge's slot bias can exceed its content signal on
+almost every pair (SmolLM2-135M's orders disagreed on 99.5% of pairs: docs/real-model.md), so raw agreement keeps
+nearly nothing. Calibrated agreement compares l(first, second) - b_bar and l(second, first) - b_bar, with b_bar the
+mean slot bias b over the batch: under l = b + q(x) - q(y) + noise, a pair then agrees when its content term
+outweighs the noise and the pair's own deviation from the average bias (last_calibrated_disagreement).
 A chat model judges in its own chat template (`chat_template`): the judging text is the user message, the labels
 (then "A" / "B", no leading space) are scored as the start of the assistant's answer, a prompt is reduced to the
 content of its last user message, and special-token text inside a response is removed (it cannot be shown as text).
@@ -67,6 +72,13 @@ def debiased_logodds(logodds_first_in_a, logodds_second_in_a):
     return d, b
 
 
+def orders_agree(logodds_first_in_a, logodds_second_in_a):
+    """(N,) bool: both orders pick the same response, strictly (a log-odds of exactly 0 picks nothing)."""
+    first_wins = (logodds_first_in_a > 0) & (logodds_second_in_a < 0)
+    second_wins = (logodds_first_in_a < 0) & (logodds_second_in_a > 0)
+    return first_wins | second_wins
+
+
 class LLMJudge:
     """A language model as a pairwise judge, asked in both orders (module docstring).
 
@@ -78,8 +90,9 @@ class LLMJudge:
     (SmolLM2-135M's is ~0.1; docs/real-model.md)."""
 
     def __init__(self, model, tokenizer, instruction, template=DEFAULT_TEMPLATE, labels=(" A", " B"),
-                 batch_size=32, chat_template=None):
+                 batch_size=32, chat_template=None, calibrate=False):
         self.model, self.tokenizer, self.instruction = model.eval().requires_grad_(False), tokenizer, instruction
+        self.calibrate = calibrate
         self.template, self.batch_size, self.chat_template = template, batch_size, chat_template
         self.label_ids = [tokenizer.encode(label) for label in labels]
         if not all(self.label_ids) or self.label_ids[0] == self.label_ids[1]:
@@ -140,6 +153,10 @@ class LLMJudge:
         logodds_ba = self.slot_logodds(prompts, second, first)  # first in slot B
         d, b = debiased_logodds(logodds_ab, logodds_ba)
         self.last_position_bias = float(b.mean())
-        self.last_agree = (logodds_ab > 0) == (logodds_ba < 0)  # order 1 picks `first` iff order 2 does
-        self.last_disagreement = 1 - float(self.last_agree.float().mean())
+        agree = orders_agree(logodds_ab, logodds_ba)
+        self.last_disagreement = 1 - float(agree.float().mean())  # the position-bias rate, always uncalibrated
+        if self.calibrate:  # both orders read against the batch's mean slot bias (module docstring)
+            agree = orders_agree(logodds_ab - b.mean(), logodds_ba - b.mean())
+        self.last_agree = agree
+        self.last_calibrated_disagreement = 1 - float(agree.float().mean())
         return torch.sigmoid(d)

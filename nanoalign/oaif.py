@@ -8,7 +8,8 @@ answers from the current policy, let an LLM annotator pick one, take a DPO step 
 this beats offline DPO on pairs sampled once from the starting model. Here:
   1. online   train.py --algo=online_dpo with the annotator = the starting model itself (a frozen copy), told to
               prefer the more helpful and shorter answer (JUDGE_INSTRUCTION), asked in both orders; a pair counts only
-              when the orders agree (judge_agreement); steps x pairs_per_step labels in all;
+              when the orders agree (judge_agreement), read against the batch's mean slot bias (judge_calibration,
+              --calibrate=false for the raw rule); steps x pairs_per_step labels in all;
   2. offline  the same number of pairs sampled once from the starting model on the same prompts, labelled by the same
               annotator with the same agreement rule, then train.py --algo=dpo with the same LoRA, steps and batch;
   3. eval     on held-out prompts, each policy vs the starting model: the annotator's win rate of greedy answers
@@ -60,7 +61,7 @@ def shared_args(a, out):
 def make_judge(a, device="cpu"):
     model, tokenizer = load_model(a.model, device)
     return LLMJudge(model, tokenizer, JUDGE_INSTRUCTION, JUDGE_TEMPLATE, labels=("A", "B"),
-                    chat_template=chat_template_for(tokenizer.spec))
+                    chat_template=chat_template_for(tokenizer.spec), calibrate=a.calibrate)
 
 
 def answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, seed=0, reference=None):
@@ -142,6 +143,8 @@ def main(argv=None):
     p.add_argument("--max_len", type=int, default=256)
     p.add_argument("--eval_tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--calibrate", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="judge agreement against the batch's mean slot bias (nanoalign/judge.py); false: raw")
     p.add_argument("--skip", default="", help="comma-separated stages already done: online,offline")
     a = p.parse_args(argv)
     if not a.model:
@@ -152,6 +155,7 @@ def main(argv=None):
     if "online" not in skip:
         run(["--algo=online_dpo", *shared_args(a, out / "online"), f"--data={a.data}", f"--judge={a.model}",
              f"--judge_instruction={JUDGE_INSTRUCTION}", f"--judge_template={JUDGE_TEMPLATE}", "--judge_agreement",
+             f"--judge_calibration={a.calibrate}",
              "--reward_model=", f"--max_new_tokens={a.max_new_tokens}", f"--temperature={a.temperature}"])
     online = metrics_of(out / "online")
     judge = make_judge(a)

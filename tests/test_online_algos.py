@@ -80,6 +80,20 @@ def test_position_bias_rate_counts_pairs_whose_two_orders_disagree():
     assert fair.last_agree.all() and fair.last_disagreement == 0.0
 
 
+def test_calibrated_agreement_reads_both_orders_against_the_mean_slot_bias():
+    """Slot bias 4 with content weight 1: raw, every pair's orders disagree (both say slot A); against the mean
+    bias b_bar = 4 both orders pick the good response, so every pair agrees. A judge with no content signal stays
+    undecided either way: its calibrated log-odds are 0 in both orders, which is no agreement."""
+    judge = LLMJudge(StubJudgeLM(slot_bias=4.0, content=1.0), TOKENIZER, "Which review is more positive?",
+                     calibrate=True)
+    p = judge.prefer(PROMPTS, GOOD, BAD)
+    assert judge.last_disagreement == 1.0  # the position-bias rate is still the raw one
+    assert judge.last_agree.all() and judge.last_calibrated_disagreement == 0.0 and (p > 0.5).all()
+    blind = LLMJudge(StubJudgeLM(slot_bias=4.0, content=0.0), TOKENIZER, "x", calibrate=True)
+    blind.prefer(PROMPTS, GOOD, BAD)
+    assert not blind.last_agree.any()
+
+
 def test_judge_labels_must_differ():
     with pytest.raises(ValueError):
         LLMJudge(StubJudgeLM(0.0, 0.0), TOKENIZER, "x", labels=(" A", " A"))

@@ -41,6 +41,7 @@ class OnlineDPOConfig(OnlineConfig, PreferenceLossConfig):  # the preference-los
     judge_template: str = DEFAULT_TEMPLATE  # {instruction} {prompt} {first} {second}; slots A and B
     judge_labels: str = "A,B"  # the two answers, scored after the template (with a leading space unless in chat form)
     judge_agreement: bool = False  # keep a pair only when the judge picks the same response in both orders
+    judge_calibration: bool = False  # ... the orders read against the batch's mean slot bias (judge.py: calibrate)
 
 
 def pairs_from_rollout(rollout, first_wins, weight):
@@ -79,7 +80,7 @@ class OnlineDPO(OnlineAlgorithm):
             chat = None if chat == "plain" else chat
             labels = tuple(("" if chat else " ") + label.strip() for label in cfg.judge_labels.split(","))
             self.annotator = LLMJudge(judge_model, judge_tokenizer, cfg.judge_instruction, cfg.judge_template, labels,
-                                      chat_template=chat)
+                                      chat_template=chat, calibrate=cfg.judge_calibration)
         else:
             self.annotator = ScoreAnnotator(self.scorer)
 
@@ -92,6 +93,8 @@ class OnlineDPO(OnlineAlgorithm):
             p_first = self.annotator.prefer(prompts, first, second).to(rollout.scores.device)
             self.rollout_metrics["judge/position_bias"] = self.annotator.last_position_bias
             self.rollout_metrics["judge/disagreement"] = self.annotator.last_disagreement
+            if self.annotator.calibrate:
+                self.rollout_metrics["judge/calibrated_disagreement"] = self.annotator.last_calibrated_disagreement
         weight = (p_first != 0.5).float()  # a tie carries no preference
         if self.cfg.judge_agreement and not isinstance(self.annotator, ScoreAnnotator):
             weight *= self.annotator.last_agree.to(weight.device).float()  # the two orders disagree: no label
