@@ -56,7 +56,10 @@ def test_readme_block_runs_as_written(index, tmp_path):
     env = {**os.environ, "NANOALIGN_TOY_DIR": str(tmp_path / "toy"), "NANOALIGN_TOY_RECIPE": "tiny",
            "OMP_NUM_THREADS": "1"}
     for command in commands(block):
-        argv = shlex.split(command)
+        argv, extra = shlex.split(command), {}
+        while re.fullmatch(r"[A-Z_]+=\S*", argv[0]):  # `NAME=value python ...`: the variable, as bash sets it
+            name, _, value = argv.pop(0).partition("=")
+            extra[name] = value
         argv[0] = sys.executable if argv[0] == "python" else argv[0]
-        run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        run = subprocess.run(argv, cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, f"README command failed: {command}\n{run.stderr[-3000:]}"
