@@ -189,7 +189,8 @@ INV_LOG2_3 = 1 / math.log2(3)
 def test_lambda_weights_by_hand():
     """psi = (2, 0, 1) -> gains G = (3, 0, 1). Rewards s = (0.1, 0.3, -0.2): ranks tau = (2, 1, 3),
     1/D = 1/log2(1 + tau) = (1/log2 3, 1, 1/2). Delta_01 = 3 |1/log2 3 - 1| = 3 (1 - 0.63093) = 1.10721;
-    Delta_02 = 2 |0.63093 - 0.5| = 0.26186; Delta_21 = 1 |0.5 - 1| = 0.5. All rewards 0 (the first step): ties broken by psi, tau = (1, 3, 2)."""
+    Delta_02 = 2 |0.63093 - 0.5| = 0.26186; Delta_21 = 1 |0.5 - 1| = 0.5. All rewards 0 (the first step): ties
+    broken by psi, tau = (1, 3, 2)."""
     scores, valid = torch.tensor([[2.0, 0.0, 1.0]], dtype=F64), torch.ones(1, 3, dtype=torch.bool)
     delta = lambda_weights(torch.tensor([[0.1, 0.3, -0.2]], dtype=F64), scores, valid)[0]
     assert [delta[0, 1].item(), delta[0, 2].item(), delta[2, 1].item()] == pytest.approx(
