@@ -6,12 +6,25 @@ Formats use TRL's standard columns (extra columns are kept and ignored):
     preference  {"prompt", "chosen", "rejected"}
     binary      {"prompt", "completion", "label": true|false}    (KTO)
     prompt      {"prompt"}                                         (online algorithms)
+    listwise    {"prompt", "completions": [k >= 2], "scores": [k numbers, higher is better]}, or
+                {"prompt", "ranking": [k >= 2, best first]}          (PRO, RRHF, LiPO)
 Conversational rows, as in TRL: "prompt" is a list of messages and each completion ("completion", "chosen",
-"rejected") a list holding assistant messages. They are rendered in the model's chat format (nanoalign/chat.py):
+"rejected", every item of "completions" / "ranking") a list holding assistant messages. They are rendered in the
+model's chat format (nanoalign/chat.py):
 the prompt with the assistant header that opens the answer (as at generation time), the loss on the assistant
 messages and their end-of-turn token; such a row over max_len is dropped (counted), not cut, as it could split a turn.
 Every bad row raises DataError naming `path:line` and the field. Rows dropped while tokenising (too
-long, chosen == rejected) are counted in a Filtered record and reported in one line, never lost silently.
+long, chosen == rejected, a list whose scores all tie) are counted in a Filtered record and reported in one line,
+never lost silently.
+
+Listwise rows (the format has no TRL counterpart; the columns follow TRL's naming): k >= 2 distinct completions of
+one prompt with one finite number each, higher = better. Scores may tie: tied completions are neither preferred to
+each other nor penalised against each other (each loss says how it treats a tie), and a list whose scores ALL tie
+carries no ranking and is dropped (counted, "all_scores_tied"). A "ranking" row is read as completions with scores
+k-1, ..., 1, 0 (best first; the gains of LiPO see these integers). The same completion text twice in one list is an
+error (it could hold two different ranks): merge or drop one. A list is kept or dropped whole: over max_len the
+shared prompt is cut from the left to fit the LONGEST completion, and a conversational list with any completion too
+long is dropped.
 
 Sequences are [bos] + prompt + completion + [eos] (bos only if the tokenizer has one); prompt and
 completion are encoded separately so the loss mask boundary is exact. Over max_len, the prompt is cut
@@ -19,6 +32,7 @@ from the LEFT (the end of the prompt, next to the answer, is kept); if the compl
 not fit, the example is dropped.
 """
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -27,9 +41,9 @@ import torch
 
 from nanoalign.chat import _check, chat_template_for, render_messages
 
-FORMATS = ("sft", "text", "preference", "binary", "prompt")
+FORMATS = ("sft", "text", "preference", "binary", "prompt", "listwise")
 COMPLETION_FIELDS = {"sft": ("completion",), "text": (), "preference": ("chosen", "rejected"),
-                     "binary": ("completion",), "prompt": ()}
+                     "binary": ("completion",), "prompt": (), "listwise": ()}
 JSON_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "object",
                    type(None): "null"}
 
@@ -65,7 +79,7 @@ def read_jsonl(path, fmt: str) -> list[dict]:
             raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
         row = implicit_prompt(row) if fmt == "preference" else row
         _validate(row, fmt, where)
-        rows.append(row)
+        rows.append(scored_list(row) if fmt == "listwise" else row)
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty)")
     return rows
@@ -85,7 +99,66 @@ def implicit_prompt(row: dict) -> dict:
     return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
+def scored_list(row: dict) -> dict:
+    """A validated listwise row as {"prompt", "completions", "scores"}: a "ranking" row (best first) gets the scores
+    k-1, ..., 1, 0; a scored row is returned as it is. Other columns are kept."""
+    if "ranking" not in row:
+        return row
+    ranking = row["ranking"]
+    rest = {k: v for k, v in row.items() if k != "ranking"}
+    return {**rest, "completions": ranking, "scores": [float(len(ranking) - 1 - i) for i in range(len(ranking))]}
+
+
+def _validate_listwise(row: dict, where: str) -> None:
+    """k >= 2 distinct completions (strings, or lists of assistant messages when the prompt is conversational) and,
+    beside "completions", as many finite scores; or "ranking" alone."""
+    if "ranking" in row and ("completions" in row or "scores" in row):
+        raise DataError(f"{where}: field 'ranking': give either 'ranking' (best first) or 'completions' with "
+                        "'scores', not both")
+    if "ranking" not in row and "completions" not in row:
+        raise DataError(f"{where}: missing field 'completions' (with 'scores') or 'ranking' (best first)")
+    name = "ranking" if "ranking" in row else "completions"
+    items = row[name]
+    if not isinstance(items, list) or len(items) < 2:
+        got = f"a list of {len(items)}" if isinstance(items, list) else _type_name(items)
+        raise DataError(f"{where}: field {name!r}: expected a list of at least 2 completions, got {got}")
+    conversational = isinstance(row.get("prompt"), list)
+    if conversational:
+        _check_messages(row, "prompt", where, assistant_only=False)
+    else:
+        _check_string(row, "prompt", where, allow_empty=True)
+    for i, item in enumerate(items):
+        if conversational:
+            _check_messages({f"{name}[{i}]": item}, f"{name}[{i}]", where, assistant_only=True)
+        else:
+            _check_string({f"{name}[{i}]": item}, f"{name}[{i}]", where, allow_empty=False)
+    first = {}
+    for i, item in enumerate(items):
+        key = json.dumps(item, sort_keys=True)
+        if key in first:
+            raise DataError(f"{where}: field {name!r}: items {first[key]} and {i} are the same completion; a "
+                            "completion has one place in a list (merge or drop the copy)")
+        first[key] = i
+    if name == "ranking":
+        return
+    if "scores" not in row:
+        raise DataError(f"{where}: missing field 'scores' (one number per completion, higher is better; or give "
+                        "'ranking', best first, instead of 'completions')")
+    scores = row["scores"]
+    if not isinstance(scores, list) or len(scores) != len(items):
+        got = f"a list of {len(scores)}" if isinstance(scores, list) else _type_name(scores)
+        raise DataError(f"{where}: field 'scores': expected a list of {len(items)} numbers (one per completion), "
+                        f"got {got}")
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            got = repr(score) if isinstance(score, float) else _type_name(score)
+            raise DataError(f"{where}: field 'scores[{i}]': expected a finite number, got {got}")
+
+
 def _validate(row: dict, fmt: str, where: str) -> None:
+    if fmt == "listwise":
+        _validate_listwise(row, where)
+        return
     if fmt == "sft" and "messages" in row and "completion" not in row:  # conversational: nanoalign/chat.py renders it
         try:
             _check(row["messages"])
@@ -274,6 +347,38 @@ def tokenize_preference(rows: list[dict], tok, max_len: int) -> tuple[list[dict]
     return examples, filtered
 
 
+def tokenize_listwise(rows: list[dict], tok, max_len: int) -> tuple[list[dict], Filtered]:
+    """-> examples {"list_ids", "list_mask": k sequences sharing one prompt, "scores": k floats} (read_jsonl's rows,
+    "ranking" already turned into scores). A list whose scores all tie is dropped and counted."""
+    examples, filtered = [], Filtered()
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    for row in rows:
+        completions, scores = row["completions"], [float(s) for s in row["scores"]]
+        if len(set(scores)) == 1:  # no completion is better than another: nothing to rank
+            filtered.dropped["all_scores_tied"] += 1
+            continue
+        if isinstance(row["prompt"], list):  # conversational: the list is dropped whole if any answer is too long
+            sequences = []
+            for completion in completions:
+                sequence = _chat_sequence(tok, row["prompt"], completion, max_len, filtered)
+                if sequence is None:
+                    break
+                sequences.append(sequence)
+            if len(sequences) == len(completions):
+                examples.append({"list_ids": [s[0] for s in sequences], "list_mask": [s[1] for s in sequences],
+                                 "scores": scores})
+            continue
+        completion_ids = [tok.encode(c) for c in completions]
+        longest = max(len(ids) for ids in completion_ids)
+        prompt_ids = _fit_prompt(tok.encode(row["prompt"]), max_len - len(bos) - longest - 1, filtered)
+        if prompt_ids is None:
+            continue
+        sequences = [_sequence(bos, prompt_ids, ids, tok.eos_id) for ids in completion_ids]
+        examples.append({"list_ids": [s[0] for s in sequences], "list_mask": [s[1] for s in sequences],
+                         "scores": scores})
+    return examples, filtered
+
+
 def tokenize_prompts(rows: list[dict], tok, max_prompt_len: int) -> tuple[list[dict], Filtered]:
     """-> examples {"prompt_ids"}: [bos] + prompt, cut from the left to max_prompt_len tokens."""
     examples, filtered = [], Filtered()
@@ -306,6 +411,8 @@ def load_examples(path, fmt: str, tok, max_len: int, max_prompt_len: int | None 
         examples, filtered = tokenize_preference(rows, tok, max_len)
     elif fmt == "binary":
         examples, filtered = tokenize_binary(rows, tok, max_len)
+    elif fmt == "listwise":
+        examples, filtered = tokenize_listwise(rows, tok, max_len)
     else:  # sft, text
         examples, filtered = tokenize_sft(rows, tok, max_len)
     report(filtered, path, len(examples), log)
@@ -313,7 +420,8 @@ def load_examples(path, fmt: str, tok, max_len: int, max_prompt_len: int | None 
 
 
 # ---------------------------------------------------------------------------------------------- batching
-TOKEN_FIELDS = ("input_ids", "loss_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "prompt_ids")
+TOKEN_FIELDS = ("input_ids", "loss_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "prompt_ids",
+                "list_ids", "list_mask", "scores")
 
 
 def to_device(batch: dict, device) -> dict:
@@ -326,12 +434,24 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 
     -> input_ids (B, T) long, loss_mask (B, T) float, attention_mask (B, T) long (1 on real tokens);
     preference examples give 2B rows, the B chosen first then the B rejected, padded to one length.
+    Listwise examples (k_b completions each) give N = sum_b k_b rows, example 0's completions first, and
+    scores (B, K) float32, valid (B, K) bool with K = max_b k_b: slot (b, j) is completion j of example b, and
+    logps[valid] = per-row values puts the N rows back in their slots (row-major order).
     Other numeric fields (label, cached ref_chosen_logps, ...) -> (B,) tensors (bool stays bool, else
     float32); prompt examples -> prompt_ids as a ragged list of lists (generation pads them itself).
     """
     first = examples[0]
     if "prompt_ids" in first:
         batch = {"prompt_ids": [list(e["prompt_ids"]) for e in examples]}
+    elif "list_ids" in first:
+        batch = _pad([ids for e in examples for ids in e["list_ids"]], [m for e in examples for m in e["list_mask"]],
+                     pad_id)
+        K = max(len(e["scores"]) for e in examples)
+        batch["scores"] = torch.zeros(len(examples), K)  # (B, K)
+        batch["valid"] = torch.zeros(len(examples), K, dtype=torch.bool)  # (B, K)
+        for b, e in enumerate(examples):
+            batch["scores"][b, :len(e["scores"])] = torch.tensor(e["scores"], dtype=torch.float32)
+            batch["valid"][b, :len(e["scores"])] = True
     elif "chosen_ids" in first:
         batch = _pad([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples],
                      [e["chosen_mask"] for e in examples] + [e["rejected_mask"] for e in examples], pad_id)
@@ -364,6 +484,8 @@ def row_lengths(example) -> list[int] | None:
         return None
     if "chosen_ids" in example:
         return [len(example["chosen_ids"]), len(example["rejected_ids"])]
+    if "list_ids" in example:
+        return [len(ids) for ids in example["list_ids"]]
     for name in ("input_ids", "prompt_ids"):
         if name in example:
             return [len(example[name])]

@@ -31,6 +31,9 @@ ALGORITHMS = {
     "rloo": ("rloo:RLOO", {}),
     "grpo": ("grpo:GRPO", {}),
     "raft": ("raft:RAFT", {}),
+    "pro": ("pro:PRO", {}),
+    "rrhf": ("rrhf:RRHF", {}),
+    "lipo": ("lipo:LiPO", {}),
 }
 
 

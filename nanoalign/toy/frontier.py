@@ -59,6 +59,9 @@ KNOBS = {
     "rloo": ("kl_coef", (0.02, 0.05, 0.2, 0.5)),  # beta of the KL penalty in the reward: larger -> closer
     "grpo": ("kl_coef", (0.0, 0.04, 0.2, 1.0)),  # beta of the k3 KL loss term: larger -> closer
     "raft": ("max_steps", (25, 50, 100)),  # no KL term: the amount of training is the brake
+    "pro": ("pro_sft_weight", (0.1, 0.3, 1.0, 3.0)),  # reference-free: the NLL of the best answers is the anchor
+    "rrhf": ("rrhf_rank_weight", (0.3, 1.0, 3.0, 10.0)),  # reference-free: the ranking hinge's weight next to the NLL
+    "lipo": ("beta", (0.03, 0.1, 0.3, 1.0)),
 }
 COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_se", "win_rate", "grammatical",
            "length", "out_dir")

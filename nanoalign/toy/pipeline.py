@@ -12,6 +12,11 @@ when its recipe changed (a stamp.json holds a hash of the recipe fields it used 
                 the gold reward and labelled by the simulated annotators of world.py:
                 prefs.jsonl {"prompt","chosen","rejected"} (Bradley-Terry draws), binary.jsonl {"prompt",
                 "completion","label"} (thumbs up/down), prompts.jsonl {"prompt"} (online algorithms)
+  listwise/     (runs of a listwise algorithm only: PRO, RRHF, LiPO) lists.jsonl {"prompt","completions","scores"}:
+                listwise_k completions per annotation prompt, sampled exactly as annotations/ samples (same seed: with
+                listwise_k = completions_per_prompt they are the very completions the pairs were drawn from), scored
+                by a noisy annotator, score = gold reward + Gumbel(0, tau) noise (world.score_list: every pair of a
+                list is then ordered as the pairwise annotators would order it)
   rm/           (runs scored by a reward model only: PPO) prefs.jsonl = annotations/prefs.jsonl + the same labelling
                 of more SFT prompts (Recipe.rm_prompts), and the proxy reward model trained on it
 As in the DPO paper's IMDb experiment (appendix C.1) the preference prompts are the SFT prompts and every prompt
@@ -46,7 +51,7 @@ from nanoalign.config import load_config
 from nanoalign.data import read_jsonl
 from nanoalign.toy.evaluate import completion_text, evaluate, format_table, model_sampler, sample_completions
 from nanoalign.toy.world import (TAU, binary_feedback, gold_reward, is_grammatical, label_pairs, make_corpus,
-                                 split_prompt, write_jsonl)
+                                 score_list, split_prompt, write_jsonl)
 from nanoalign.trainer import resolve_device, setup_distributed, train
 
 VERSION = 1  # bump when a stage's code changes what it writes: every cache is rebuilt
@@ -88,6 +93,8 @@ class Recipe:
     rm_batch: int = 32
     rm_lr: float = 5e-4
     rm_readout: str = "sum"  # algos/rm.py: the head summed over every token, since the gold reward is a sum over words
+    # listwise data (PRO, RRHF, LiPO), built only for runs that need it: listwise_k completions per annotation prompt
+    listwise_k: int = 4
 
 
 RECIPES = {
@@ -97,7 +104,7 @@ RECIPES = {
     # seconds instead of minutes, for tests: the models learn little
     "tiny": Recipe(n_pretrain=256, n_sft=64, n_eval=16, n_layer=1, n_head=2, n_embd=32, base_steps=4, base_batch=16,
                    sft_steps=2, sft_batch=16, n_annotate=16, completions_per_prompt=3, pairs_per_prompt=2,
-                   max_new_tokens=24, micro_batch_size=16, rm_steps=2, rm_batch=16),
+                   max_new_tokens=24, micro_batch_size=16, rm_steps=2, rm_batch=16, listwise_k=3),
 }
 STAGE_FIELDS = {  # the recipe fields each stage depends on (besides the stages before it)
     "corpus": ("seed", "n_pretrain", "n_sft", "n_eval"),
@@ -106,9 +113,11 @@ STAGE_FIELDS = {  # the recipe fields each stage depends on (besides the stages 
     "sft": ("seed", "sft_steps", "sft_batch", "sft_lr", "micro_batch_size"),
     "annotations": ("seed", "n_annotate", "completions_per_prompt", "pairs_per_prompt", "tau", "max_new_tokens"),
     "rm": ("seed", "rm_prompts", "rm_steps", "rm_batch", "rm_lr", "rm_readout", "micro_batch_size"),
+    "listwise": ("seed", "n_annotate", "listwise_k", "tau", "max_new_tokens"),
 }
 DATA_FILES = {"text": "corpus/pretrain.jsonl", "sft": "corpus/sft.jsonl", "preference": "annotations/prefs.jsonl",
-              "binary": "annotations/binary.jsonl", "prompt": "annotations/prompts.jsonl"}
+              "binary": "annotations/binary.jsonl", "prompt": "annotations/prompts.jsonl",
+              "listwise": "listwise/lists.jsonl"}
 
 
 def toy_dir() -> Path:
@@ -243,15 +252,20 @@ def train_reward_model(directory: Path, cfg, device, recipe: Recipe) -> dict:
     return info
 
 
+def sample_sft(prompts: list[str], k: int, device, recipe: Recipe, seed: int) -> list[str]:
+    """k completions per prompt from the SFT model at temperature 1, as texts; prompt i's are [i * k:(i + 1) * k]."""
+    model, tokenizer = model_from_checkpoint(load_checkpoint(toy_dir() / "sft", device), device)
+    model.eval()
+    prompt_ids = [tokenizer.encode(p) for p in prompts for _ in range(k)]
+    sampler = model_sampler(model, tokenizer, recipe.max_new_tokens)
+    return [completion_text(tokenizer, c) for c in sample_completions(sampler, prompt_ids, seed, 256, device)]
+
+
 def label_prompts(prompts: list[str], device, recipe: Recipe, seed: int):
     """Sample completions_per_prompt completions per prompt from the SFT model, score them with the gold reward and
     label them like the annotators: (preference rows, binary rows, stats)."""
-    model, tokenizer = model_from_checkpoint(load_checkpoint(toy_dir() / "sft", device), device)
-    model.eval()
     k = recipe.completions_per_prompt
-    prompt_ids = [tokenizer.encode(p) for p in prompts for _ in range(k)]
-    sampler = model_sampler(model, tokenizer, recipe.max_new_tokens)
-    samples = [completion_text(tokenizer, c) for c in sample_completions(sampler, prompt_ids, seed, 256, device)]
+    samples = sample_sft(prompts, k, device, recipe, seed)
     rng, stats = random.Random(seed), {}
     prefs, binary, rewards_all, grammatical = [], [], [], []
     for i, prompt in enumerate(prompts):
@@ -277,6 +291,26 @@ def annotate(directory: Path, device, recipe: Recipe) -> dict:
     write_jsonl(directory / "binary.jsonl", binary)
     write_jsonl(directory / "prompts.jsonl", [{"prompt": p} for p in prompts])
     return {"pairs": len(prefs), "binary": len(binary), **stats}
+
+
+def build_lists(directory: Path, device, recipe: Recipe) -> dict:
+    """(Added with PRO, RRHF, LiPO.) lists.jsonl: listwise_k completions for each annotation prompt, sampled with the
+    annotations' seed (so with listwise_k = completions_per_prompt they are the annotations' samples), empty ones
+    dropped as there, scored by world.score_list's noisy annotator."""
+    prompts = [row["prompt"] for row in read_jsonl(toy_dir() / DATA_FILES["sft"], "sft")[:recipe.n_annotate]]
+    k = recipe.listwise_k
+    samples = sample_sft(prompts, k, device, recipe, seed=recipe.seed)
+    rng, stats, rows, empty = random.Random(recipe.seed + 3), {}, [], 0
+    for i, prompt in enumerate(prompts):
+        completions = [c for c in samples[i * k:(i + 1) * k] if c.strip()]  # an empty completion is no answer
+        empty += k - len(completions)
+        row = score_list(prompt, completions, [gold_reward(prompt + c) for c in completions], rng=rng,
+                         tau=recipe.tau, stats=stats)
+        rows += [row] if row else []
+    write_jsonl(directory / "lists.jsonl", rows)
+    sizes = [len(row["completions"]) for row in rows]
+    return {"lists": len(rows), "completions": sum(sizes), "empty_completions": empty,
+            "duplicate_completions": stats.get("duplicates", 0), "short_lists": stats.get("short_lists", 0)}
 
 
 # ----------------------------------------------------------------------------------------------- entry points
@@ -312,6 +346,11 @@ def prepare(cfg, algorithm_cls, recipe: Recipe | None = None):
             fills["reward_model"] = f"ckpt:{root / 'rm'}"
         elif getattr(cfg, "reward_model", None) == "":  # any other online run optimises the gold reward itself
             fills["reward_model"] = "gold"
+        if algorithm_cls.data_format == "listwise":  # the ranked lists, built once
+            keys["listwise"] = stage_key("listwise", recipe, keys["annotations"])
+            timings["listwise"] = run_stage(root / "listwise", keys["listwise"],
+                                            lambda d: build_lists(d, device, recipe), rank, False, f"toy world, the listwise data ({root / 'listwise'}): "
+                                            "sampling the SFT model and scoring lists, ~30 s")
     if getattr(cfg, "monitor_reward", None) == "":
         fills["monitor_reward"] = "gold"  # logged beside a proxy reward: over-optimisation of the proxy shows
     if rank == 0:

@@ -7,7 +7,8 @@ everything is synthetic so that it runs anywhere with no download:
   - IMDb           -> `make_corpus`: reviews from a small probabilistic grammar, half positive, half negative;
   - the classifier -> `gold_reward(text) = sigmoid(sentiment_score(text) / SCALE)`, a transparent lexicon score;
   - prefixes       -> `split_prompt`: the first 2-8 words of a review (the paper uses 2-8 tokens);
-  - people         -> `label_pairs` / `binary_feedback`: Bradley-Terry draws from the gold reward with noise tau.
+  - people         -> `label_pairs` / `binary_feedback`: Bradley-Terry draws from the gold reward with noise tau;
+                      `score_list`: scores for a whole list with the noise that gives the same pairwise draws.
 Departures from the paper: the text is a toy language (~210 word types, not English), the "classifier" is an
 exact hand-written lexicon score instead of a fine-tuned SiEBERT, and the paper labels pairs with the
 classifier deterministically while our annotators are noisy (a BT draw), like people.
@@ -332,6 +333,36 @@ def binary_feedback(prompt: str, completions: list[str], rewards: list[float], *
     baseline = sum(rewards) / len(rewards) if baseline is None and rewards else baseline
     return [{"prompt": prompt, "completion": completion, "label": rng.random() < bradley_terry_prob(r, baseline, tau)}
             for completion, r in zip(completions, rewards)]
+
+
+def gumbel_noise(rng: random.Random, tau: float = TAU) -> float:
+    """One draw of Gumbel(0, tau) noise: -tau log(-log U), U uniform on (0, 1)."""
+    return -tau * math.log(-math.log(1.0 - rng.random()))  # 1 - random() is in (0, 1]: log(-log 1) is never taken
+
+
+def score_list(prompt: str, completions: list[str], rewards: list[float], *, rng: random.Random, tau: float = TAU,
+               stats: dict | None = None) -> dict | None:
+    """A listwise row {"prompt", "completions", "scores"} for one prompt, scored by a noisy annotator:
+    score_i = rewards[i] + Gumbel(0, tau) noise, independent per completion. The difference of two such noises is
+    Logistic(0, tau), so the annotator's order of any pair (a, b) is exactly the pairwise annotators' Bradley-Terry
+    draw, P(a above b) = sigmoid((r_a - r_b) / tau) = bradley_terry_prob, and the order of the whole list is a
+    Plackett-Luce draw with weights exp(r / tau) (the list model PRO's loss assumes). Repeated texts are scored
+    once (the first kept; stats["duplicates"] counts the others); None, counted in stats["short_lists"], when fewer
+    than 2 distinct completions remain. Scores are rounded to 4 decimals."""
+    if len(completions) != len(rewards):
+        raise ValueError(f"{len(completions)} completions but {len(rewards)} rewards: one reward per completion")
+    stats = {} if stats is None else stats
+    distinct = {}
+    for completion, reward in zip(completions, rewards):
+        if completion in distinct:
+            stats["duplicates"] = stats.get("duplicates", 0) + 1
+        else:
+            distinct[completion] = reward
+    if len(distinct) < 2:
+        stats["short_lists"] = stats.get("short_lists", 0) + 1
+        return None
+    scores = [round(r + gumbel_noise(rng, tau), 4) for r in distinct.values()]
+    return {"prompt": prompt, "completions": list(distinct), "scores": scores}
 
 
 def write_jsonl(path: str, rows: list[dict]) -> int:
