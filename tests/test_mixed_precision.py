@@ -26,8 +26,9 @@ from nanoalign.trainer import Context, train_step
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 BF16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-DATA = {"preference": "preference.jsonl", "binary": "binary.jsonl", "sft": "sft.jsonl", "prompt": "prompts.jsonl"}
-ALGOS = ["sft", "dpo", "kto", "orpo", "coh", "rm", "ppo", "online_dpo", "rloo", "grpo", "raft"]  # every class
+DATA = {"preference": "preference.jsonl", "binary": "binary.jsonl", "sft": "sft.jsonl", "prompt": "prompts.jsonl",
+        "listwise": "listwise.jsonl"}
+ALGOS = ["sft", "dpo", "kto", "orpo", "coh", "rm", "ppo", "online_dpo", "rloo", "grpo", "raft", "pro", "rrhf", "lipo"]
 
 
 def build(name, tmp_path, **kw):
