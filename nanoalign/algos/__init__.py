@@ -31,6 +31,8 @@ ALGORITHMS = {
     "rloo": ("rloo:RLOO", {}),
     "grpo": ("grpo:GRPO", {}),
     "raft": ("raft:RAFT", {}),
+    "npo": ("npo:NPO", {}),
+    "tdpo": ("tdpo:TDPO", {}),
 }
 
 

@@ -59,6 +59,8 @@ KNOBS = {
     "rloo": ("kl_coef", (0.02, 0.05, 0.2, 0.5)),  # beta of the KL penalty in the reward: larger -> closer
     "grpo": ("kl_coef", (0.0, 0.04, 0.2, 1.0)),  # beta of the k3 KL loss term: larger -> closer
     "raft": ("max_steps", (25, 50, 100)),  # no KL term: the amount of training is the brake
+    "npo": ("beta", (0.03, 0.1, 0.3, 1.0)),  # larger -> the push on unlearned answers fades sooner (beta -> 0: GA)
+    "tdpo": ("beta", (0.03, 0.1, 0.3, 1.0)),  # beta of the margin and of the sequential KL term
 }
 COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_se", "win_rate", "grammatical",
            "length", "out_dir")
