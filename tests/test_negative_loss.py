@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from nanoalign.algos.dpo import preference_loss
+from nanoalign.algos.dro import dro_loss
 from nanoalign.algos.npo import npo_loss
 from nanoalign.algos.tdpo import tdpo_loss, token_level_terms
 
@@ -164,3 +165,38 @@ def test_sequential_kl_sums_forward_kl_at_completion_positions_with_the_softmax_
     assert torch.equal(grad[:, -1], torch.zeros(B, V, dtype=F64))  # the last position predicts nothing
     _, zero = token_level_terms(ref_logits, ref_logits, input_ids, loss_mask)
     assert torch.allclose(zero, torch.zeros(B, dtype=F64), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- DRO
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), n=st.integers(1, 6), tau=st.floats(0.01, 5.0))
+def test_dro_gradients_match_the_hand_derivation(data, n, tau):
+    """L_pi = -(r - sg(V)) log pi + tau/2 L^2, L_V = 1/2 (r - V - tau sg(L))^2, L = log pi - log pi_ref:
+    dL_pi/dlog pi = -(r - V) + tau L, dL_pi/dV = 0; dL_V/dV = V - r + tau L, dL_V/dlog pi = 0; the policy's
+    gradient is the gradient of the DRO objective 1/2 (r - V - tau L)^2 divided by tau."""
+    logps, ref = vector(data.draw, n).requires_grad_(), vector(data.draw, n)
+    values = vector(data.draw, n, st.floats(-2, 2)).requires_grad_()
+    rewards = vector(data.draw, n, st.sampled_from([0.0, 1.0]))
+    policy_losses, value_losses, residuals = dro_loss(logps, ref, values, rewards, tau=tau)
+    L, V = (logps - ref).detach(), values.detach()
+    g_logps, g_values = torch.autograd.grad(policy_losses.sum(), (logps, values), allow_unused=True)
+    torch.testing.assert_close(g_logps, -(rewards - V) + tau * L, rtol=1e-9, atol=1e-9)
+    assert g_values is None  # sg(V) in the policy loss
+    g_logps, g_values = torch.autograd.grad(value_losses.sum(), (logps, values), allow_unused=True)
+    torch.testing.assert_close(g_values, V - rewards + tau * L, rtol=1e-9, atol=1e-9)
+    assert g_logps is None  # sg(L) in the value loss
+    torch.testing.assert_close(residuals, rewards - V - tau * L)
+    objective = lambda lp: ((rewards - V - tau * (lp - ref)) ** 2 / 2).sum()
+    (g_objective,) = torch.autograd.grad(objective(logps), logps)
+    torch.testing.assert_close(g_objective / tau, -(rewards - V) + tau * L, rtol=1e-9, atol=1e-9)
+
+
+def test_dro_optimum_is_a_fixed_point():
+    """At r = V + tau L (the optimum's identity) both gradients vanish: r = 1, V = 0.4, tau 0.5, L = 1.2."""
+    logps = torch.tensor([-3.8], dtype=F64, requires_grad=True)
+    values = torch.tensor([0.4], dtype=F64, requires_grad=True)
+    policy_losses, value_losses, residuals = dro_loss(logps, torch.tensor([-5.0], dtype=F64), values,
+                                                      torch.tensor([1.0], dtype=F64), tau=0.5)
+    (policy_losses + value_losses).sum().backward()
+    assert abs(logps.grad.item()) < 1e-12 and abs(values.grad.item()) < 1e-12 and abs(residuals.item()) < 1e-12

@@ -33,6 +33,7 @@ ALGORITHMS = {
     "raft": ("raft:RAFT", {}),
     "npo": ("npo:NPO", {}),
     "tdpo": ("tdpo:TDPO", {}),
+    "dro": ("dro:DRO", {}),
 }
 
 
