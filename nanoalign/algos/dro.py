@@ -41,7 +41,6 @@ import copy
 from dataclasses import dataclass
 from typing import Annotated
 
-import torch
 import torch.nn as nn
 
 from nanoalign.algos.kto import load_binary, side_mean
