@@ -1,4 +1,4 @@
-"""The adapters of --algo=npo, tdpo, dro and PPO-ptx: which rows they use (and count), their first losses at
+"""The adapters of --algo=npo, tdpo, dro, cringe and PPO-ptx: which rows they use (and count), their first losses at
 policy == reference, what the value network reads, the pretraining micro-batches of PPO-ptx, bad input, 2-step runs,
 and (integration) train.py on the tiny toy world."""
 import contextlib
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanoalign.algos import algo_config
+from nanoalign.algos.cringe import CRINGE
 from nanoalign.algos.dpo import DPO
 from nanoalign.algos.dro import DRO
 from nanoalign.algos.npo import NPO
@@ -154,6 +155,22 @@ def test_dro_rewards_from_labels_and_the_value_reads_the_prompt_only(files, tmp_
     assert dro.state_dict() == {"policy_prefix": "policy."}
 
 
+# -------------------------------------------------------------------------------------------- CRINGE
+
+def test_cringe_puts_cross_entropy_on_positive_rows_and_the_contrast_on_negative_rows(files, tmp_path):
+    """Only desirable rows: the loss is their token-mean NLL; only undesirable rows: alpha times the mean contrast,
+    the same on a second call (y+ seeded by the batch) and never NaN."""
+    cringe = build(CRINGE, tiny_args(files / "binary.jsonl", tmp_path, algo="cringe", cringe_alpha=2.0))
+    good = cringe.collate([e for e in cringe.examples if e["label"]][:4])
+    loss, metrics = cringe.loss(cringe.policy, good)
+    logps, counts, _ = batch_logps(cringe.policy, good["input_ids"], good["loss_mask"])
+    assert loss.item() == pytest.approx(sft_loss(logps, counts).item(), rel=1e-5) and metrics["cringe_loss"] == 0
+    bad = cringe.collate([e for e in cringe.examples if not e["label"]][:4])
+    loss, metrics = cringe.loss(cringe.policy, bad)
+    assert metrics["nll_loss"] == 0 and loss.item() == pytest.approx(2.0 * metrics["cringe_loss"].item(), rel=1e-6)
+    assert cringe.loss(cringe.policy, bad)[0].item() == loss.item() and math.isfinite(loss.item())
+
+
 # -------------------------------------------------------------------------------------------- PPO-ptx
 
 def test_ppo_ptx_adds_gamma_times_the_pretraining_nll(files, tmp_path):
@@ -192,6 +209,7 @@ def test_ppo_ptx_texts_continue_where_a_resumed_run_left_off(files, tmp_path):
 @pytest.mark.parametrize("algo,data,extra", [
     ("npo", "binary", {}), ("npo", "binary", {"loss_type": "ga", "retain_weight": 0}),
     ("tdpo", "prefs", {}), ("tdpo", "prefs", {"tdpo_variant": "tdpo1"}), ("dro", "binary", {}),
+    ("cringe", "binary", {}),
     ("ppo", "prompts", {"reward_model": "gold", "max_new_tokens": 8, "rollout_batch_size": 8, "ptx_coef": 1.0,
                         "ptx_data": "text.jsonl"})])
 def test_two_step_runs_log_finite_losses(algo, data, extra, files, tmp_path):
@@ -202,7 +220,7 @@ def test_two_step_runs_log_finite_losses(algo, data, extra, files, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("algo", ["npo", "tdpo", "dro"])
+@pytest.mark.parametrize("algo", ["npo", "tdpo", "dro", "cringe"])
 def test_train_py_on_the_tiny_toy_world(algo, tmp_path, monkeypatch):
     """python train.py --algo=<algo> on the tiny toy world: the data of its format, the SFT model, eval.json."""
     monkeypatch.setenv("NANOALIGN_TOY_DIR", str(tmp_path / "toy"))

@@ -1,5 +1,5 @@
 """The pure losses of nanoalign.algos.npo (NPO, GA), nanoalign.algos.tdpo (TDPO1/2, sequential KL) and
-nanoalign.algos.dro (DRO-V): hand-derived gradients, the reductions (NPO -> GA as beta -> 0, TDPO with alpha 0 ->
+nanoalign.algos.dro (DRO-V) and nanoalign.algos.cringe (CRINGE): hand-derived gradients, the reductions (NPO -> GA as beta -> 0, TDPO with alpha 0 ->
 DPO) and bad settings."""
 import math
 
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanoalign.algos.cringe import cringe_loss, sample_positive_tokens
 from nanoalign.algos.dpo import preference_loss
 from nanoalign.algos.dro import dro_loss
 from nanoalign.algos.npo import npo_loss
@@ -201,3 +202,36 @@ def test_dro_optimum_is_a_fixed_point():
                                                       torch.tensor([1.0], dtype=F64), tau=0.5)
     (policy_losses + value_losses).sum().backward()
     assert abs(logps.grad.item()) < 1e-12 and abs(values.grad.item()) < 1e-12 and abs(residuals.item()) < 1e-12
+
+
+# -------------------------------------------------------------------------------------------- CRINGE
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 5), V=st.integers(3, 9))
+def test_cringe_gradient_touches_only_the_two_logits(seed, n, V):
+    """L = softplus(s- - s+): dL/ds+ = -s(d), dL/ds- = +s(d), d = s- - s+; every other logit gets 0."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, V, generator=g, dtype=F64, requires_grad=True)
+    negatives = torch.randint(0, V, (n,), generator=g)
+    positives = (negatives + torch.randint(1, V, (n,), generator=g)) % V  # a different token
+    losses = cringe_loss(logits, positives, negatives)
+    (grad,) = torch.autograd.grad(losses.sum(), logits)
+    rows = torch.arange(n)
+    d = (logits[rows, negatives] - logits[rows, positives]).detach()
+    torch.testing.assert_close(losses.detach(), F.softplus(d))
+    expected = torch.zeros(n, V, dtype=F64)
+    expected[rows, positives] = -torch.sigmoid(d)
+    expected[rows, negatives] = torch.sigmoid(d)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_cringe_positive_tokens_come_from_the_top_k_without_the_negative_token():
+    """Row 0: the negative token 2 is the argmax, so k=1 picks the runner-up 4; with k=2 only {4, 1} occur, in
+    proportion softmax((3, 2)) = (0.731, 0.269). Hand value: s+ = 3, s- = 5 -> softplus(2) = 2.126928."""
+    logits = torch.tensor([[0.0, 2.0, 5.0, -1.0, 3.0]]).repeat(4000, 1)
+    negatives = torch.full((4000,), 2)
+    assert (sample_positive_tokens(logits[:5], negatives[:5], k=1) == 4).all()
+    drawn = sample_positive_tokens(logits, negatives, k=2, generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 4} and abs((drawn == 4).float().mean().item() - 0.731) < 0.03
+    loss = cringe_loss(logits[:1], torch.tensor([4]), torch.tensor([2]))
+    assert loss.item() == pytest.approx(2.126928, abs=1e-6)

@@ -34,6 +34,7 @@ ALGORITHMS = {
     "npo": ("npo:NPO", {}),
     "tdpo": ("tdpo:TDPO", {}),
     "dro": ("dro:DRO", {}),
+    "cringe": ("cringe:CRINGE", {}),
 }
 
 
