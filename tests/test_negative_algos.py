@@ -219,11 +219,22 @@ def test_two_step_runs_log_finite_losses(algo, data, extra, files, tmp_path):
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
 
 
+@pytest.fixture(scope="module")
+def tiny_toy(tmp_path_factory):
+    """The tiny toy world, built once for this module's integration tests."""
+    root = tmp_path_factory.mktemp("toy")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOALIGN_TOY_DIR", str(root))
+        mp.setenv("NANOALIGN_TOY_RECIPE", "tiny")
+        prepare(load_config(["--algo=npo", "--dtype=float32"], algo_config), NPO, RECIPES["tiny"])
+        yield root
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("algo", ["npo", "tdpo", "dro", "cringe"])
-def test_train_py_on_the_tiny_toy_world(algo, tmp_path, monkeypatch):
+def test_train_py_on_the_tiny_toy_world(algo, tiny_toy, tmp_path, monkeypatch):
     """python train.py --algo=<algo> on the tiny toy world: the data of its format, the SFT model, eval.json."""
-    monkeypatch.setenv("NANOALIGN_TOY_DIR", str(tmp_path / "toy"))
+    monkeypatch.setenv("NANOALIGN_TOY_DIR", str(tiny_toy))
     monkeypatch.setenv("NANOALIGN_TOY_RECIPE", "tiny")
     out = train_main([f"--algo={algo}", "--max_steps=2", "--batch_size=8", "--micro_batch_size=8",
                       "--dtype=float32", f"--out_dir={tmp_path / 'run'}"])
@@ -232,17 +243,18 @@ def test_train_py_on_the_tiny_toy_world(algo, tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_ppo_ptx_on_the_tiny_toy_world_gets_the_corpus(tmp_path, monkeypatch):
+def test_ppo_ptx_on_the_tiny_toy_world_gets_the_corpus(tiny_toy, tmp_path, monkeypatch):
     """prepare() fills ptx_data with the toy corpus when ptx_coef > 0 (and leaves it empty when off)."""
-    monkeypatch.setenv("NANOALIGN_TOY_DIR", str(tmp_path / "toy"))
+    monkeypatch.setenv("NANOALIGN_TOY_DIR", str(tiny_toy))
     monkeypatch.setenv("NANOALIGN_TOY_RECIPE", "tiny")
     cfg, _ = prepare(load_config(["--algo=ppo", "--reward_model=gold", "--ptx_coef=1", "--dtype=float32"],
                                  algo_config), PPO, RECIPES["tiny"])
-    assert cfg.ptx_data == str(tmp_path / "toy" / "corpus" / "pretrain.jsonl")
+    assert cfg.ptx_data == str(tiny_toy / "corpus" / "pretrain.jsonl")
     off, _ = prepare(load_config(["--algo=ppo", "--reward_model=gold", "--dtype=float32"], algo_config), PPO,
                      RECIPES["tiny"])
     assert off.ptx_data == ""
     out = train_main(["--algo=ppo", "--reward_model=gold", "--ptx_coef=1", "--max_steps=2", "--batch_size=8",
                       "--micro_batch_size=8", "--rollout_batch_size=8", "--dtype=float32",
                       f"--out_dir={tmp_path / 'run'}"])
-    assert "ptx/nll_loss" in json.loads(open(Path(out) / "metrics.jsonl").readline())
+    with open(Path(out) / "metrics.jsonl") as f:
+        assert "ptx/nll_loss" in json.loads(f.readline())
