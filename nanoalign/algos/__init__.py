@@ -34,6 +34,10 @@ ALGORITHMS = {
     "pro": ("pro:PRO", {}),
     "rrhf": ("rrhf:RRHF", {}),
     "lipo": ("lipo:LiPO", {}),
+    "npo": ("npo:NPO", {}),
+    "tdpo": ("tdpo:TDPO", {}),
+    "dro": ("dro:DRO", {}),
+    "cringe": ("cringe:CRINGE", {}),
 }
 
 

@@ -2,7 +2,7 @@
 
 Papers: PPO (Schulman et al. 2017, arXiv:1707.06347, Eq. 7 clipped surrogate); GAE (Schulman et al. 2016, Eq. 16);
 RLHF with PPO (Ziegler et al. 2019, arXiv:1909.08593, Sec. 2.2; Stiennon et al. 2020, Eq. 2; Ouyang et al. 2022,
-Eq. 2 without the pretraining mix); the details (Huang et al. 2022, "The 37/N implementation details of PPO" and
+arXiv:2203.02155, Eq. 2, its pretraining mix PPO-ptx as the switch ptx_coef); the details (Huang et al. 2022, "The 37/N implementation details of PPO" and
 "The N implementation details of RLHF with PPO"; Huang et al. 2024, "The N+ implementation details of RLHF with PPO:
 a case study on TL;DR summarization", arXiv:2403.17031). The math is in nanoalign/algos/rl_math.py; this file is the
 adapter: rollout -> per-token rewards -> GAE -> minibatch epochs of the clipped losses.
@@ -43,6 +43,11 @@ The details, each switchable in Config where one would ablate it (D-numbers are 
      forward disagree even before any update, so the ratio starts != 1. Forced, not a switch.
   D10 the reward model is fixed and scores are normalised (mean 0 / std 1 on reference samples, algos/rm.py), so
      beta is in reward-std units.
+  D11 PPO-ptx (InstructGPT, Ouyang et al. 2022, Eq. 2): objective(phi) = E[r(x, y) - beta log(pi(y|x) / pi_ref(y|x))]
+     + gamma E_{x ~ D_pretrain}[log pi(x)], i.e. the loss gets + ptx_coef * NLL of a micro-batch of pretraining text
+     (`ptx_data`, a {"text"} JSONL; on the toy world its pretraining corpus) next to every rollout micro-batch. It
+     counters the "alignment tax", the drop of the policy's language-modelling quality that RLHF causes. ptx_coef
+     = 0 (default) is off. `ptx_coef`, `ptx_data`
 
 How it plugs into the one loop: the rollout (prompts, sampling, reference, scores, missing-EOS penalty) is the one
 every online algorithm shares (algos/online.py); make_rows adds the critic's values, per-token rewards, GAE and
@@ -50,7 +55,9 @@ whitening; `loss()` runs the policy and the critic through the wrapped module's 
 per backward). A trainer step is an OPTIMIZER step: a rollout of `rollout_batch_size` sequences (all ranks) gives
 rollout_batch_size / batch_size * epochs of them; rollout time lands in time/data_s, updates in time/update_s.
 
-Departures: no pretraining-gradient mix (PPO-ptx); the losses are token means over each micro-batch (the trainer
+Departures: the PPO-ptx NLL is the token mean over one micro-batch of micro_batch_size texts per rollout
+micro-batch (InstructGPT draws 8x more pretraining than RL examples per batch; ptx_coef absorbs the ratio, and
+gamma = 27.8 there is in their units, not ours); the losses are token means over each micro-batch (the trainer
 averages micro-batches); the value clip is in score units (TRL) with no value normalisation; entropy is reported as
 TRL's sampled estimate sum_t -log pi(y_t) (no entropy bonus); policy/approxkl_avg is a mean over the valid response
 tokens (TRL 1.12's is a mean over every position, padding included). Checkpoints fall on rollout boundaries, where
@@ -68,8 +75,11 @@ import torch.nn as nn
 from nanoalign.algos.online import OnlineAlgorithm, OnlineConfig
 from nanoalign.algos.rl_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, masked_mean,
                                      masked_whiten, ppo_policy_loss, ppo_rewards, ppo_value_loss)
+from nanoalign.algos.sft import sft_loss
 from nanoalign.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE
+from nanoalign.data import micro_batches
 from nanoalign.loading import load_reward_model
+from nanoalign.logps import batch_logps
 from nanoalign.model import RewardModel
 from nanoalign.rollout import response_logits_to_logps
 from nanoalign.scorers import RewardModelScorer
@@ -88,9 +98,11 @@ class ActorCritic(nn.Module):
             nn.init.normal_(self.value_head.weight, std=1 / (d + 1) ** 0.5)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, response_len):
+    def forward(self, input_ids, attention_mask, response_len, ptx=None):
         """-> logits (B, R, V) predicting the R response tokens, values (B, R): V_t = V(x, y_<t), read at the
-        position before response token t (columns P-1 .. P+R-2), as lm-human-preferences and TRL do."""
+        position before response token t (columns P-1 .. P+R-2), as lm-human-preferences and TRL do. With `ptx`
+        (input_ids, loss_mask, attention_mask of pretraining text) a third output: its token-mean NLL under the policy,
+        in the same forward (D11), so DDP sees one forward per backward."""
         R = response_len
         hidden = self.policy.hidden_states(input_ids, attention_mask)            # (B, P + R, C)
         h = hidden[:, -R - 1:-1]                                                  # (B, R, C) states before y_t
@@ -99,7 +111,10 @@ class ActorCritic(nn.Module):
             values = self.value_head(h).squeeze(-1).float()                       # (B, R) shared trunk
         else:
             values = self.critic.token_values(input_ids, attention_mask)[:, -R - 1:-1]  # (B, R) separate critic
-        return logits, values
+        if ptx is None:
+            return logits, values
+        ptx_logps, ptx_counts, _ = batch_logps(self.policy, ptx[0], ptx[1], ptx[2])  # (B_ptx,) summed log pi(x)
+        return logits, values, sft_loss(ptx_logps, ptx_counts)  # -E[log pi(x)] per token (D11)
 
     @torch.no_grad()
     def values(self, input_ids, attention_mask, response_len):
@@ -152,6 +167,8 @@ class PPOConfig(OnlineConfig):
     vf_coef: Annotated[float, NON_NEGATIVE] = 0.1  # weight of the value loss (D7)
     critic: Literal["separate", "head"] = "separate"  # separate value model or a head on the policy (D4)
     critic_init: Literal["auto", "reward_model", "policy"] = "auto"  # auto: the RM if there is one, else the policy
+    ptx_coef: Annotated[float, NON_NEGATIVE] = 0.0  # gamma of PPO-ptx: weight of the pretraining NLL; 0 -> off (D11)
+    ptx_data: str = ""  # {"text"} JSONL of pretraining text for ptx_coef > 0 (the toy world fills in its corpus)
 
 
 class PPO(OnlineAlgorithm):
@@ -167,6 +184,24 @@ class PPO(OnlineAlgorithm):
         no_dropout(self.module)                                                   # D9
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
+        self.ptx_examples = []
+        if cfg.ptx_coef:
+            if not cfg.ptx_data:
+                raise ValueError("ppo: ptx_coef > 0 needs ptx_data, a JSONL of {\"text\"} rows of pretraining text")
+            self.ptx_examples = self.load_file(cfg.ptx_data, "text")  # D11
+
+    def batches(self, start_step):
+        """The rollout micro-batches; with PPO-ptx each gets a micro-batch of pretraining text as ptx_* fields,
+        drawn by data.micro_batches so that a resumed run draws the same texts (D11)."""
+        rollout = super().batches(start_step)
+        if not self.ptx_examples:
+            yield from rollout
+            return
+        c = self.ctx
+        texts = micro_batches(self.ptx_examples, c.micro_batch_size, c.grad_accum, c.rank, c.world_size,
+                              self.cfg.seed, start_step, self.collate, bucket=self.cfg.bucket_by_length)
+        for batch, ptx in zip(rollout, texts):
+            yield {**batch, **{f"ptx_{k}": v for k, v in ptx.items()}}
 
     @property
     def recompute_logprobs(self):
@@ -217,18 +252,24 @@ class PPO(OnlineAlgorithm):
 
     def loss(self, model, batch):
         cfg, mask = self.cfg, batch["response_mask"]
-        logits, values = model(batch["input_ids"], batch["attention_mask"], mask.shape[1])  # one forward, both nets
+        ptx = None if "ptx_input_ids" not in batch else (  # PPO-ptx's pretraining text (D11)
+            batch["ptx_input_ids"], batch["ptx_loss_mask"], batch["ptx_attention_mask"])
+        logits, values, *ptx_nll = model(batch["input_ids"], batch["attention_mask"], mask.shape[1], ptx)  # one forward
         logp = response_logits_to_logps(logits, batch, cfg.temperature)           # (B, R) D1: same temperature
         pg_loss, clipfrac, approxkl = ppo_policy_loss(logp, batch["logprobs"], batch["advantages"], mask,
                                                       cfg.cliprange)
         vf_loss, vf_clipfrac = ppo_value_loss(values, batch["values"], batch["returns"], mask, cfg.cliprange_value)
         loss = pg_loss + cfg.vf_coef * vf_loss
+        extra = {}
+        if ptx_nll:  # PPO-ptx: + gamma * (-E_pretrain[log pi(x)]) (D11)
+            loss = loss + cfg.ptx_coef * ptx_nll[0]
+            extra["ptx/nll_loss"] = ptx_nll[0].detach()
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(logits / cfg.temperature), mask)
             ratio = masked_mean(torch.exp(logp - batch["logprobs"]), mask)
         return loss, {**self.rollout_metrics, "policy/approxkl_avg": approxkl, "policy/clipfrac_avg": clipfrac,
                       "policy/entropy_avg": entropy, "loss/policy_avg": pg_loss.detach(),
-                      "loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac, "val/ratio": ratio}
+                      "loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac, "val/ratio": ratio, **extra}
 
 
 def no_dropout(module):

@@ -13,15 +13,24 @@ KL(pi || pi_ref) is estimated as the DPO paper does, from the policy's own sampl
     KL ~ mean over samples of sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]   (nats per sequence)
 with both log-probs from one `batch_logps` forward each (the final EOS included). The estimate is unbiased but
 noisy; a single sample can be negative. Evaluation runs in float32 (no autocast): the models are tiny.
+
+The alignment tax (InstructGPT's term; PPO-ptx, algos/ppo.py D11) is measured as `corpus_nll`, the per-token NLL of
+fresh reviews of the corpus grammar (make_corpus with a seed no stage uses, so no model saw these texts), i.e. the
+base model's own pretraining objective on held-out text:
+    python -m nanoalign.toy.evaluate out/toy/base out/toy/sft out/ppo [--n_texts=2000 --seed=7]
 """
+import argparse
+import json
 import math
 from typing import Callable
 
 import torch
 
-from nanoalign.data import collate
+from nanoalign.checkpoint import load_checkpoint
+from nanoalign.data import collate, tokenize_sft
+from nanoalign.loading import model_from_checkpoint
 from nanoalign.logps import batch_logps
-from nanoalign.toy.world import gold_reward, is_grammatical
+from nanoalign.toy.world import gold_reward, is_grammatical, make_corpus
 
 # prompt token lists, a torch.Generator -> completion token lists (EOS included where the sample ended)
 Sampler = Callable[[list[list[int]], torch.Generator], list[list[int]]]
@@ -140,3 +149,35 @@ def format_table(result: dict, title: str = "") -> str:
     lines.append(f"{'':<18}{'policy':>10}{'reference':>10}")
     lines += [f"{name:<18}{cell(ours)}{cell(theirs)}" for name, ours, theirs in rows]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def corpus_nll(model, tokenizer, texts: list[str], batch_size: int = 256) -> float:
+    """Per-token NLL (nats, EOS included) of `texts` as {"text"} rows ([bos] + text + [eos], every token a target)."""
+    model.eval()
+    device = next(model.parameters()).device
+    examples, _ = tokenize_sft([{"text": t} for t in texts], tokenizer, model.cfg.block_size)
+    total, tokens = 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], tokenizer.pad_id)
+        logps, counts, _ = batch_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device),
+                                       batch["attention_mask"].to(device))
+        total, tokens = total - float(logps.sum()), tokens + float(counts.sum())
+    return total / max(tokens, 1.0)
+
+
+def main(argv=None):
+    """Print {"run", "corpus_nll", "texts"} per run folder: the alignment tax is a run's NLL minus its init's."""
+    parser = argparse.ArgumentParser(description="per-token NLL of held-out reviews of the toy corpus grammar")
+    parser.add_argument("runs", nargs="+", help="run folders (their ckpt.pt): e.g. out/toy/base out/toy/sft out/ppo")
+    parser.add_argument("--n_texts", type=int, default=2000, help="held-out reviews to score")
+    parser.add_argument("--seed", type=int, default=7, help="make_corpus seed of the held-out reviews (stages use 0)")
+    args = parser.parse_args(argv)
+    texts = make_corpus(args.n_texts, args.seed)
+    for run in args.runs:
+        model, tokenizer = model_from_checkpoint(load_checkpoint(run))
+        print(json.dumps({"run": run, "corpus_nll": round(corpus_nll(model, tokenizer, texts), 4), "texts": len(texts)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -62,6 +62,10 @@ KNOBS = {
     "pro": ("pro_sft_weight", (0.1, 0.3, 1.0, 3.0)),  # reference-free: the NLL of the best answers is the anchor
     "rrhf": ("rrhf_rank_weight", (0.3, 1.0, 3.0, 10.0)),  # reference-free: the ranking hinge's weight next to the NLL
     "lipo": ("beta", (0.03, 0.1, 0.3, 1.0)),
+    "npo": ("beta", (0.03, 0.1, 0.3, 1.0)),  # larger -> the push on unlearned answers fades sooner (beta -> 0: GA)
+    "tdpo": ("beta", (0.03, 0.1, 0.3, 1.0)),  # beta of the margin and of the sequential KL term
+    "dro": ("tau", (0.1, 0.3, 1.0, 3.0)),  # tau of the squared log-ratio (DRO's KL strength): larger -> closer
+    "cringe": ("max_steps", (100, 200, 400)),  # no reference, no KL term: the amount of training is the brake
 }
 COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_se", "win_rate", "grammatical",
            "length", "out_dir")

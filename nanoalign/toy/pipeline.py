@@ -360,6 +360,8 @@ def prepare(cfg, algorithm_cls, recipe: Recipe | None = None):
     if fmt not in DATA_FILES:
         raise ValueError(f"{algorithm_cls.__name__}.data_format={fmt!r}: the toy world has {', '.join(DATA_FILES)}")
     fills["data"] = str(root / DATA_FILES[fmt])
+    if getattr(cfg, "ptx_coef", 0) and not cfg.ptx_data:  # PPO-ptx: the base model's pretraining corpus
+        fills["ptx_data"] = str(root / DATA_FILES["text"])
     if not cfg.init_from:
         fills["init_from"] = f"ckpt:{root / algorithm_cls.starts_from}"
     if cfg.dtype == "auto" and not torch.cuda.is_available():
