@@ -28,7 +28,8 @@ CPU = torch.device("cpu")
 BF16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
 DATA = {"preference": "preference.jsonl", "binary": "binary.jsonl", "sft": "sft.jsonl", "prompt": "prompts.jsonl",
         "listwise": "listwise.jsonl"}
-ALGOS = ["sft", "dpo", "kto", "orpo", "coh", "rm", "ppo", "online_dpo", "rloo", "grpo", "raft", "pro", "rrhf", "lipo"]
+ALGOS = ["sft", "dpo", "kto", "orpo", "coh", "rm", "ppo", "online_dpo", "rloo", "grpo", "raft", "pro", "rrhf", "lipo",
+         "npo", "tdpo", "dro", "cringe"]
 
 
 def build(name, tmp_path, **kw):
