@@ -75,11 +75,16 @@ class LLMJudge:
     (default " A", " B", the slots of DEFAULT_TEMPLATE) are scored right after it. A judging prompt longer than the
     judge's context is cut from the LEFT (the responses and the question stay; counted in self.truncated).
     The judge runs in eval mode under no_grad, `batch_size` sequences per forward; with `dtype` (bf16 in a bf16
-    run) its linear weights are stored in that dtype and it answers under autocast (nanoalign/precision.py)."""
+    run) its linear weights are stored in that dtype and it answers under autocast (nanoalign/precision.py).
+    frozen=False judges with a model that is still being trained (self-rewarding: the policy judges its own
+    samples): it is neither cast nor frozen, only put in eval mode for each call and back afterwards."""
 
     def __init__(self, model, tokenizer, instruction, template=DEFAULT_TEMPLATE, labels=(" A", " B"),
-                 batch_size=32, chat_template=None, dtype=None):
-        self.model, self.tokenizer, self.instruction = cast_for_inference_(model, dtype), tokenizer, instruction
+                 batch_size=32, chat_template=None, dtype=None, frozen=True):
+        if not frozen and dtype is not None:
+            raise ValueError("a judge that is being trained (frozen=False) keeps its dtype: pass dtype=None")
+        self.model = cast_for_inference_(model, dtype) if frozen else model
+        self.tokenizer, self.instruction = tokenizer, instruction
         self.dtype = dtype
         self.template, self.batch_size, self.chat_template = template, batch_size, chat_template
         self.label_ids = [tokenizer.encode(label) for label in labels]
@@ -118,10 +123,14 @@ class LLMJudge:
         single = all(len(label) == 1 for label in self.label_ids)  # one row per pair: both labels at its last position
         examples = [{"input_ids": ids + label, "loss_mask": [0] * len(ids) + [1] * len(label)}
                     for ids in prompt_ids for label in ([[]] if single else self.label_ids)]
-        logps = []
-        with inference_autocast(self.model, self.dtype):
-            for i in range(0, len(examples), self.batch_size):
-                logps.append(self._logps(examples[i:i + self.batch_size], single, device))
+        logps, was_training = [], self.model.training
+        self.model.eval()  # no dropout (a frozen judge is in eval mode already)
+        try:
+            with inference_autocast(self.model, self.dtype):
+                for i in range(0, len(examples), self.batch_size):
+                    logps.append(self._logps(examples[i:i + self.batch_size], single, device))
+        finally:
+            self.model.train(was_training)
         logps = torch.cat(logps).view(-1, 2)  # (N, 2): [log p(A | J), log p(B | J)]
         return logps[:, 0] - logps[:, 1]
 

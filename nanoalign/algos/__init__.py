@@ -31,6 +31,9 @@ ALGORITHMS = {
     "rloo": ("rloo:RLOO", {}),
     "grpo": ("grpo:GRPO", {}),
     "raft": ("raft:RAFT", {}),
+    "sdpo": ("sdpo:SDPO", {}),
+    "sppo": ("sppo:SPPO", {}),
+    "self_reward": ("self_reward:SelfReward", {}),
 }
 
 
