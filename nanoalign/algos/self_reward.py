@@ -53,7 +53,7 @@ from nanoalign.judge import ScoreAnnotator, score_preference
 @dataclass
 class SelfRewardConfig(OnlineDPOConfig):
     samples_per_prompt: Annotated[int, Range(2)] = 4  # N candidates per prompt; every pair of them is judged
-    judge: str = "self"  # "self": the policy judges its own samples; "" -> the scorer of reward_model; else a model spec
+    judge: str = "self"  # "self": the policy judges its own samples; "" -> reward_model's scorer; else a model spec
     judge_agreement: bool = True  # a pairwise verdict counts only when both orders pick the same response
 
 
