@@ -60,7 +60,7 @@ KNOBS = {
     "grpo": ("kl_coef", (0.0, 0.04, 0.2, 1.0)),  # beta of the k3 KL loss term: larger -> closer
     "raft": ("max_steps", (25, 50, 100)),  # no KL term: the amount of training is the brake
     "sdpo": ("beta", (0.03, 0.1, 0.3, 1.0)),  # DPO's beta at every step (each against the previous step's model)
-    "sppo": ("eta", (10.0, 30.0, 100.0, 300.0)),  # Hedge step size: larger -> each iteration moves further
+    "sppo": ("eta", (1.0, 3.0, 10.0, 30.0)),  # Hedge step size: larger -> each iteration moves further (no pi_0 anchor)
     "self_reward": ("beta", (0.1, 0.3, 1.0, 3.0)),  # online DPO's beta (toy world: data/self_reward_toy.toml)
 }
 COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_se", "win_rate", "grammatical",
