@@ -87,12 +87,14 @@ class LLMJudge:
     judge's context is cut from the LEFT (the responses and the question stay; counted in self.truncated).
     The judge runs in eval mode under no_grad, `batch_size` sequences per forward, in fp32 even in a bf16 run:
     bf16 logits round a judge's log-odds to steps of ~1/16, as large as the content signal of a small judge
-    (SmolLM2-135M's is ~0.1; docs/real-model.md)."""
+    (SmolLM2-135M's is ~0.1; docs/real-model.md).
+    frozen=False judges with a model that is still being trained (self-rewarding: the policy judges its own
+    samples): it is not frozen, only put in eval mode for each call and back afterwards."""
 
     def __init__(self, model, tokenizer, instruction, template=DEFAULT_TEMPLATE, labels=(" A", " B"),
-                 batch_size=32, chat_template=None, calibrate=False):
-        self.model, self.tokenizer, self.instruction = model.eval().requires_grad_(False), tokenizer, instruction
-        self.calibrate = calibrate
+                 batch_size=32, chat_template=None, calibrate=False, frozen=True):
+        self.model = model.eval().requires_grad_(False) if frozen else model
+        self.tokenizer, self.instruction, self.calibrate = tokenizer, instruction, calibrate
         self.template, self.batch_size, self.chat_template = template, batch_size, chat_template
         self.label_ids = [tokenizer.encode(label) for label in labels]
         if not all(self.label_ids) or self.label_ids[0] == self.label_ids[1]:
@@ -130,8 +132,13 @@ class LLMJudge:
         single = all(len(label) == 1 for label in self.label_ids)  # one row per pair: both labels at its last position
         examples = [{"input_ids": ids + label, "loss_mask": [0] * len(ids) + [1] * len(label)}
                     for ids in prompt_ids for label in ([[]] if single else self.label_ids)]
-        scores = [self._label_scores(examples[i:i + self.batch_size], single, device)
-                  for i in range(0, len(examples), self.batch_size)]
+        scores, was_training = [], self.model.training
+        self.model.eval()  # no dropout (a frozen judge is in eval mode already)
+        try:
+            for i in range(0, len(examples), self.batch_size):
+                scores.append(self._label_scores(examples[i:i + self.batch_size], single, device))
+        finally:
+            self.model.train(was_training)
         scores = torch.cat(scores).view(-1, 2)  # (N, 2): log p(A | J), log p(B | J), up to one constant per row
         return scores[:, 0] - scores[:, 1]
 

@@ -29,7 +29,7 @@ BF16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
 DATA = {"preference": "preference.jsonl", "binary": "binary.jsonl", "sft": "sft.jsonl", "prompt": "prompts.jsonl",
         "listwise": "listwise.jsonl"}
 ALGOS = ["sft", "dpo", "kto", "orpo", "coh", "rm", "ppo", "online_dpo", "rloo", "grpo", "raft", "pro", "rrhf", "lipo",
-         "npo", "tdpo", "dro", "cringe"]
+         "npo", "tdpo", "dro", "cringe", "sdpo", "sppo", "self_reward"]
 
 
 def build(name, tmp_path, **kw):

@@ -38,6 +38,9 @@ ALGORITHMS = {
     "tdpo": ("tdpo:TDPO", {}),
     "dro": ("dro:DRO", {}),
     "cringe": ("cringe:CRINGE", {}),
+    "sdpo": ("sdpo:SDPO", {}),
+    "sppo": ("sppo:SPPO", {}),
+    "self_reward": ("self_reward:SelfReward", {}),
 }
 
 

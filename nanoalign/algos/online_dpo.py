@@ -44,6 +44,16 @@ class OnlineDPOConfig(OnlineConfig, PreferenceLossConfig):  # the preference-los
     judge_calibration: bool = False  # ... the orders read against the batch's mean slot bias (judge.py: calibrate)
 
 
+def make_judge(model, tokenizer, cfg, frozen=True):
+    """An LLMJudge of `model` with cfg's judge_instruction, judge_template and judge_labels; a chat model judges in
+    its own chat template (then the labels have no leading space)."""
+    chat = chat_template_for(tokenizer.spec)
+    chat = None if chat == "plain" else chat
+    labels = tuple(("" if chat else " ") + label.strip() for label in cfg.judge_labels.split(","))
+    return LLMJudge(model, tokenizer, cfg.judge_instruction, cfg.judge_template, labels, chat_template=chat,
+                    calibrate=cfg.judge_calibration, frozen=frozen)
+
+
 def pairs_from_rollout(rollout, first_wins, weight):
     """Rows of a 2-per-prompt rollout (samples 2i and 2i+1) -> pair rows: chosen_* / rejected_* tensors,
     reference log-probs summed over each response, and the pair's weight. first_wins, weight: (N/2,)."""
@@ -67,22 +77,25 @@ class OnlineDPO(OnlineAlgorithm):
     rows_per_prompt = 1  # one training row = one pair
 
     def __init__(self, cfg, policy, tokenizer, ctx):
-        if cfg.samples_per_prompt != 2:
-            raise ValueError(f"online_dpo samples a pair per prompt: samples_per_prompt must be 2, got "
-                             f"{cfg.samples_per_prompt}")
+        self.check_samples_per_prompt(cfg)
         self.uses_reference = cfg.loss_type not in REFERENCE_FREE  # simpo / cpo need no pi_ref
         self.needs_reward = not cfg.judge  # an LLM judge decides instead of a scorer
         super().__init__(cfg, policy, tokenizer, ctx)
         self.loss_kwargs = preference_loss_kwargs(cfg)
-        if cfg.judge:
-            judge_model, judge_tokenizer = load_model(cfg.judge, ctx.device)
-            chat = chat_template_for(judge_tokenizer.spec)  # a chat model judges in its own template
-            chat = None if chat == "plain" else chat
-            labels = tuple(("" if chat else " ") + label.strip() for label in cfg.judge_labels.split(","))
-            self.annotator = LLMJudge(judge_model, judge_tokenizer, cfg.judge_instruction, cfg.judge_template, labels,
-                                      chat_template=chat, calibrate=cfg.judge_calibration)
-        else:
-            self.annotator = ScoreAnnotator(self.scorer)
+        self.annotator = self.make_annotator()
+
+    @staticmethod
+    def check_samples_per_prompt(cfg):
+        if cfg.samples_per_prompt != 2:
+            raise ValueError(f"online_dpo samples a pair per prompt: samples_per_prompt must be 2, got "
+                             f"{cfg.samples_per_prompt}")
+
+    def make_annotator(self):
+        """The LLM judge of cfg.judge (another model, frozen), or the scorer's ScoreAnnotator with judge=""."""
+        if not self.cfg.judge:
+            return ScoreAnnotator(self.scorer)
+        judge_model, judge_tokenizer = load_model(self.cfg.judge, self.ctx.device)
+        return make_judge(judge_model, judge_tokenizer, self.cfg)
 
     def make_rows(self, rollout):
         prompts, first, second = rollout.prompts[0::2], rollout.responses[0::2], rollout.responses[1::2]

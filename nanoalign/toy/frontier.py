@@ -66,6 +66,9 @@ KNOBS = {
     "tdpo": ("beta", (0.03, 0.1, 0.3, 1.0)),  # beta of the margin and of the sequential KL term
     "dro": ("tau", (0.1, 0.3, 1.0, 3.0)),  # tau of the squared log-ratio (DRO's KL strength): larger -> closer
     "cringe": ("max_steps", (100, 200, 400)),  # no reference, no KL term: the amount of training is the brake
+    "sdpo": ("beta", (0.03, 0.1, 0.3, 1.0)),  # DPO's beta at every step (each against the previous step's model)
+    "sppo": ("eta", (1.0, 3.0, 10.0, 30.0)),  # Hedge step size: larger -> each iteration moves further (no pi_0 anchor)
+    "self_reward": ("beta", (0.1, 0.3, 1.0, 3.0)),  # online DPO's beta (toy world: data/self_reward_toy.toml)
 }
 COLUMNS = ("algo", "knob", "value", "kl", "kl_se", "gold_reward", "gold_reward_se", "win_rate", "grammatical",
            "length", "out_dir")
