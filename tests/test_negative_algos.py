@@ -40,7 +40,8 @@ def files(tmp_path_factory):
     rng, root = random.Random(0), tmp_path_factory.mktemp("data")
     rows = {"binary": [{"prompt": phrase(rng).strip(), "completion": phrase(rng), "label": i % 10 < 3}
                        for i in range(40)],
-            "prefs": [{"prompt": phrase(rng).strip(), "chosen": phrase(rng), "rejected": phrase(rng)} for _ in range(24)],
+            "prefs": [{"prompt": phrase(rng).strip(), "chosen": phrase(rng), "rejected": phrase(rng)}
+                      for _ in range(24)],
             "prompts": [{"prompt": phrase(rng).strip()} for _ in range(24)],
             "text": [{"text": phrase(rng).strip()} for _ in range(40)]}
     for name, data in rows.items():

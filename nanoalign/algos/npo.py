@@ -72,7 +72,7 @@ def npo_loss(logps, ref_logps, *, beta=0.1, loss_type="npo"):
 class NPOConfig:
     beta: Annotated[float, POSITIVE] = 0.1  # inverse temperature; beta -> 0 is gradient ascent
     loss_type: Literal[LOSS_TYPES] = "npo"  # npo (Eq. 3) or ga (gradient ascent, its beta -> 0 limit)
-    retain_weight: Annotated[float, NON_NEGATIVE] = 1.0  # weight of the summed NLL of desirable answers (NPO+RT); 0 -> NPO
+    retain_weight: Annotated[float, NON_NEGATIVE] = 1.0  # weight of the desirable answers' summed NLL (NPO+RT); 0: NPO
     ref_logps: Literal["precompute", "live"] = "precompute"  # reference log-probs once before training, or a live model
 
 
