@@ -40,7 +40,8 @@ def files(tmp_path_factory):
     rng, root = random.Random(0), tmp_path_factory.mktemp("data")
     rows = {"binary": [{"prompt": phrase(rng).strip(), "completion": phrase(rng), "label": i % 10 < 3}
                        for i in range(40)],
-            "prefs": [{"prompt": phrase(rng).strip(), "chosen": phrase(rng), "rejected": phrase(rng)} for _ in range(24)],
+            "prefs": [{"prompt": phrase(rng).strip(), "chosen": phrase(rng), "rejected": phrase(rng)}
+                      for _ in range(24)],
             "prompts": [{"prompt": phrase(rng).strip()} for _ in range(24)],
             "text": [{"text": phrase(rng).strip()} for _ in range(40)]}
     for name, data in rows.items():
@@ -70,7 +71,8 @@ def build(algorithm_cls, args, logs=None):
 
 def test_npo_uses_undesirable_rows_and_counts_the_unused_desirable_ones(files, tmp_path):
     """retain_weight 0: the 28 undesirable rows are the forget set, the 12 desirable ones are dropped and logged;
-    at policy == reference every row's loss is (2/beta) log 2. retain_weight 1 keeps all 40 and adds their NLL."""
+    at policy == reference every row's loss is (2/beta) log 2. retain_weight 1 keeps all 40 and adds the mean of
+    the desirable rows' summed NLL (the paper's L_RT); nll_loss logs its token mean."""
     logs = []
     plain = build(NPO, tiny_args(files / "binary.jsonl", tmp_path, retain_weight=0), logs)
     assert len(plain.examples) == 28 and not any(e["label"] for e in plain.examples)
@@ -84,9 +86,9 @@ def test_npo_uses_undesirable_rows_and_counts_the_unused_desirable_ones(files, t
     batch = rt.collate([e for e in rt.examples if e["label"]][:2] + [e for e in rt.examples if not e["label"]][:2])
     loss, metrics = rt.loss(rt.policy, batch)
     logps, counts, _ = batch_logps(rt.policy, batch["input_ids"], batch["loss_mask"])
-    nll = sft_loss(logps[:2], counts[:2])  # the token-mean NLL of the two desirable rows
-    assert loss.item() == pytest.approx(2 / 0.5 * math.log(2) + nll.item(), rel=1e-5)
-    assert metrics["nll_loss"].item() == pytest.approx(nll.item(), rel=1e-5)
+    retain = -logps[:2].mean()  # L_RT: the mean summed NLL of the two desirable rows (the paper's scale)
+    assert loss.item() == pytest.approx(2 / 0.5 * math.log(2) + retain.item(), rel=1e-5)
+    assert metrics["nll_loss"].item() == pytest.approx(sft_loss(logps[:2], counts[:2]).item(), rel=1e-5)  # logged
 
 
 def test_npo_without_undesirable_rows_is_a_clear_error(files, tmp_path):

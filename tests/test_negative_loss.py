@@ -1,6 +1,6 @@
-"""The pure losses of nanoalign.algos.npo (NPO, GA), nanoalign.algos.tdpo (TDPO1/2, sequential KL) and
-nanoalign.algos.dro (DRO-V) and nanoalign.algos.cringe (CRINGE): hand-derived gradients, the reductions (NPO -> GA as beta -> 0, TDPO with alpha 0 ->
-DPO) and bad settings."""
+"""The pure losses of nanoalign.algos.npo (NPO, GA), nanoalign.algos.tdpo (TDPO1/2, sequential KL),
+nanoalign.algos.dro (DRO-V) and nanoalign.algos.cringe (CRINGE): hand-derived gradients, the reductions (NPO -> GA
+as beta -> 0, TDPO with alpha 0 -> DPO) and bad settings."""
 import math
 
 import pytest

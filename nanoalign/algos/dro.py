@@ -119,4 +119,5 @@ class DRO(Algorithm):
         return loss, {"loss/policy_avg": policy_losses.detach().mean(), "loss/value_avg": value_losses.detach().mean(),
                       "value/mean": values.detach().mean(), "residual/mean": residuals.mean(),
                       "logratio/mean": (logps - batch["ref_logps"]).detach().mean(),
-                      "logps/chosen": side_mean(logps[good].detach()), "logps/rejected": side_mean(logps[~good].detach())}
+                      "logps/chosen": side_mean(logps[good].detach()),
+                      "logps/rejected": side_mean(logps[~good].detach())}

@@ -23,14 +23,17 @@ desirable, rejected -> undesirable, as kto.load_binary does). Undesirable rows (
 desirable rows (label true) are the retain set of NPO+RT. With retain_weight = 0 the desirable rows are unused: they
 are dropped at load time and their count is logged. On the toy world's binary.jsonl that is 2,960 of 5,997 rows.
 
+The retain term is the paper's: the mean over the micro-batch's desirable answers of their SUMMED NLL, on the scale
+of the NPO term (a sum over the answer's tokens too). A token mean (as DPO's rpo_alpha) would weigh it |y| times
+less: on the toy world (|y| ~ 15) NPO+RT with a token-mean retain term at weight 1 collapsed and needed weight 10
+(docs/negative.md). `nll_loss` is logged as the token mean, comparable with SFT's.
+
 This implementation differs from the paper in:
-  - the retain term L_RT is the token-mean NLL of the micro-batch's desirable answers (our sft_loss, as DPO's
-    rpo_alpha term), not a mean over sequences of summed NLLs: it keeps the term's scale independent of the answer
-    length. The NPO term is the mean over the micro-batch's undesirable rows; a micro-batch without rows of one kind
-    has that term 0 (each micro-batch draws forget and retain rows together from one shuffled dataset, where the
-    paper draws a forget batch and a retain batch separately).
+  - the NPO term is the mean over the micro-batch's undesirable rows and the retain term over its desirable rows; a
+    micro-batch without rows of one kind has that term 0 (each micro-batch draws forget and retain rows together
+    from one shuffled dataset, where the paper draws a forget batch and a retain batch separately).
   - retain_weight defaults to 1 (NPO+RT), since on the toy world the forget set is samples of the reference policy
-    itself and vanilla NPO has no other anchor than the fading weight; --retain_weight=0 is the paper's plain NPO.
+    itself and plain NPO has no anchor but its fading weight; --retain_weight=0 is the paper's plain NPO.
   - "ga" is written as E[r] = E[log pi - log pi_ref] (Proposition 1's limit), the paper's L_GA shifted by a
     constant, so GA and NPO report losses on one scale; the gradient is L_GA's.
 Reference log-probs are precomputed once or kept live, exactly as in algos/dpo.py (`Reference`, `precompute`).
@@ -69,7 +72,7 @@ def npo_loss(logps, ref_logps, *, beta=0.1, loss_type="npo"):
 class NPOConfig:
     beta: Annotated[float, POSITIVE] = 0.1  # inverse temperature; beta -> 0 is gradient ascent
     loss_type: Literal[LOSS_TYPES] = "npo"  # npo (Eq. 3) or ga (gradient ascent, its beta -> 0 limit)
-    retain_weight: Annotated[float, NON_NEGATIVE] = 1.0  # weight of the NLL of desirable answers (NPO+RT); 0 -> plain NPO
+    retain_weight: Annotated[float, NON_NEGATIVE] = 1.0  # weight of the desirable answers' summed NLL (NPO+RT); 0: NPO
     ref_logps: Literal["precompute", "live"] = "precompute"  # reference log-probs once before training, or a live model
 
 
@@ -119,7 +122,8 @@ class NPO(Algorithm):
         loss = side_mean(losses)  # mean over the forget rows; 0 when the micro-batch has none
         metrics = {"rewards/rejected": side_mean(rewards), "logps/rejected": side_mean(logps[forget].detach())}
         if self.cfg.retain_weight:
-            nll = sft_loss(logps[~forget], counts[~forget])  # token-mean NLL of the retain answers (0 if none)
-            loss = loss + self.cfg.retain_weight * nll
-            metrics.update({"nll_loss": nll.detach(), "logps/chosen": side_mean(logps[~forget].detach())})
+            retain = -side_mean(logps[~forget])  # L_RT = -E_retain[log pi(y|x)], summed over tokens (0 if none)
+            loss = loss + self.cfg.retain_weight * retain
+            metrics.update({"nll_loss": sft_loss(logps[~forget], counts[~forget]).detach(),  # token mean, logged
+                            "logps/chosen": side_mean(logps[~forget].detach())})
         return loss, metrics

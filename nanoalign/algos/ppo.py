@@ -2,7 +2,8 @@
 
 Papers: PPO (Schulman et al. 2017, arXiv:1707.06347, Eq. 7 clipped surrogate); GAE (Schulman et al. 2016, Eq. 16);
 RLHF with PPO (Ziegler et al. 2019, arXiv:1909.08593, Sec. 2.2; Stiennon et al. 2020, Eq. 2; Ouyang et al. 2022,
-arXiv:2203.02155, Eq. 2, its pretraining mix PPO-ptx as the switch ptx_coef); the details (Huang et al. 2022, "The 37/N implementation details of PPO" and
+arXiv:2203.02155, Eq. 2, its pretraining mix PPO-ptx as the switch ptx_coef); the details (Huang et al. 2022,
+"The 37/N implementation details of PPO" and
 "The N implementation details of RLHF with PPO"; Huang et al. 2024, "The N+ implementation details of RLHF with PPO:
 a case study on TL;DR summarization", arXiv:2403.17031). The math is in nanoalign/algos/rl_math.py; this file is the
 adapter: rollout -> per-token rewards -> GAE -> minibatch epochs of the clipped losses.

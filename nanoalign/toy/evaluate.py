@@ -176,7 +176,8 @@ def main(argv=None):
     texts = make_corpus(args.n_texts, args.seed)
     for run in args.runs:
         model, tokenizer = model_from_checkpoint(load_checkpoint(run))
-        print(json.dumps({"run": run, "corpus_nll": round(corpus_nll(model, tokenizer, texts), 4), "texts": len(texts)}))
+        nll = corpus_nll(model, tokenizer, texts)
+        print(json.dumps({"run": run, "corpus_nll": round(nll, 4), "texts": len(texts)}))
 
 
 if __name__ == "__main__":
