@@ -89,6 +89,7 @@ def test_chunk_bounds_and_easy_to_hard_order():
     assert [e["i"] for e in easy_to_hard(rows)] == [1, 2, 3, 0, 4]  # largest margin first, ties keep their order
 
 
+@pytest.mark.integration  # two training runs
 def test_sdpo_with_one_chunk_is_dpo(files, tmp_path):
     dpo = train_main(tiny_args(files / "prefs.jsonl", tmp_path / "dpo", algo="dpo"))
     sdpo = train_main(tiny_args(files / "prefs.jsonl", tmp_path / "sdpo", sdpo_chunks=1))
@@ -168,6 +169,7 @@ def test_sdpo_under_lora_precomputes_the_reference_with_the_adapters_on(files, b
     assert torch.allclose(stored, policy_logps(algo.policy, algo.chunks[1], algo.collate)[0], atol=1e-5)
 
 
+@pytest.mark.integration  # training runs, stopped and resumed
 @pytest.mark.parametrize("mode,stop", [("precompute", 3), ("precompute", 2), ("live", 3)])
 def test_sdpo_resume_is_exact_across_a_boundary(files, tmp_path, mode, stop):
     """5 steps, 2 chunks (boundary at step 2): straight == stop at `stop` + resume. Stopping at 3 resumes inside

@@ -19,8 +19,10 @@ Here an iteration is one rollout (online.py): pi_t is the policy that sampled it
 rollout.logprobs summed over the response (recomputed with one full forward, so log pi/pi_t is exactly 0 before the
 first update). The rollout's rows are trained for steps_per_rollout = rollout_batch_size / batch_size * epochs
 optimizer steps against that fixed pi_t (default: 4 passes of one batch; the authors' script runs 18 epochs per
-iteration), then the next rollout samples pi_{t+1}. Within an iteration the square loss is what stops the policy:
-log pi/pi_t is pulled to the target and no further.
+iteration), then the next rollout samples pi_{t+1}. Within an iteration the square loss is what would stop the
+policy (log pi/pi_t is pulled to the target and no further); at the toy world's lr 1e-4 it does not get there in 4
+steps (|log pi/pi_t| ~0.1 against targets ~2, docs/iterative.md), so each iteration is close to REINFORCE with the
+advantage P_hat - 1/2 scaled by 2 eta, and eta acts like a step size.
 
 The preference oracle is Bradley-Terry on the scorer's rewards, P(a > b) = sigmoid((r_a - r_b) / sppo_tau)
 (bt_preferences): on the toy world the scorer is the gold reward (train.py fills reward_model="gold"); elsewhere a
@@ -42,8 +44,10 @@ This implementation differs from the paper in:
     built for do not occur here; sppo_tau scales the reward differences (P depends on (r_a - r_b) / tau);
   - the iteration: one rollout of rollout_batch_size rows (default batch_size) for `epochs` passes (default 4), not
     a 60k-prompt dataset for 18 epochs; K = samples_per_prompt defaults to 5 as in the paper;
-  - eta defaults to 30, not the paper's 1000 (beta = 1/eta = 0.001 in the authors' script): the toy world's gold
-    rewards lie in [0, 1] with tau = 1, so P - 1/2 is ~0.05, and eta sets the target log-ratios in nats;
+  - eta defaults to 30, not the paper's 1000 (beta = 1/eta = 0.001 in the authors' script, with lr 5e-7): the toy
+    world's gold rewards lie in [0, 1] with tau = 1, so P - 1/2 is ~0.05, and eta sets the target log-ratios in
+    nats. On the toy world 200 steps at eta 30 hack the lexicon reward (KL 39, 3% grammatical; docs/iterative.md),
+    as GRPO's and RAFT's defaults do: the frontier sweeps eta from 1;
   - log-probs are of the sampling distribution at `temperature`, summed over response tokens; there is no reference
     model pi_0 at all (as in the paper: pi_t is the only anchor), so the KL to the SFT model grows with the number
     of iterations.
