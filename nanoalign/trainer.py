@@ -417,7 +417,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     skipped, skipped_in_a_row = 0, 0  # optimizer steps dropped for a non-finite loss or gradient norm
     save_due = False  # a periodic checkpoint waits for the end of the current rollout
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, disable=rank != 0,
-               dynamic_ncols=True, desc=algo.name)
+               dynamic_ncols=True, desc=algo.name if out_dir.name == algo.name else f"{algo.name} ({out_dir.name})")
     module.train()
     for step in bar:
         lr = lr_at(step, cfg)
