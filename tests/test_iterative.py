@@ -13,7 +13,6 @@ from hypothesis import given, settings, strategies as st
 
 from nanoalign.algos import algo_config
 from nanoalign.algos.sdpo import SDPO, chunk_bounds, easy_to_hard
-from nanoalign.algos.sft import SFT
 from nanoalign.algos.self_reward import SelfReward, best_and_worst, judged_pairs
 from nanoalign.algos.sppo import SPPO, bt_preferences, sppo_loss, win_rates
 from nanoalign.checkpoint import load_checkpoint
@@ -22,7 +21,6 @@ from nanoalign.judge import LLMJudge, ScoreAnnotator
 from nanoalign.loading import build_policy
 from nanoalign.logps import batch_logps
 from nanoalign.rollout import Rollout, generate_rollout
-from nanoalign.toy.pipeline import RECIPES, prepare
 from nanoalign.trainer import Context, train
 from train import main as train_main
 
@@ -378,16 +376,6 @@ def test_cli_runs(algo, extra, files, tmp_path):
                 "self_reward": {"frac_ties", "rewards/margins"} | ({"judge/disagreement"} if extra.get("judge") != ""
                                                                    else set())}[algo]
     assert expected <= records[-1].keys()
-
-
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOALIGN_TOY_DIR", str(root))
-        mp.setenv("NANOALIGN_TOY_RECIPE", "tiny")
-        prepare(load_config(["--algo=sft", "--dtype=float32"], algo_config), SFT, RECIPES["tiny"])
-    return root
 
 
 @pytest.mark.integration

@@ -221,17 +221,6 @@ def test_two_step_runs_log_finite_losses(algo, data, extra, files, tmp_path):
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
 
 
-@pytest.fixture(scope="module")
-def tiny_toy(tmp_path_factory):
-    """The tiny toy world, built once for this module's integration tests."""
-    root = tmp_path_factory.mktemp("toy")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOALIGN_TOY_DIR", str(root))
-        mp.setenv("NANOALIGN_TOY_RECIPE", "tiny")
-        prepare(load_config(["--algo=npo", "--dtype=float32"], algo_config), NPO, RECIPES["tiny"])
-        yield root
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("algo", ["npo", "tdpo", "dro", "cringe"])
 def test_train_py_on_the_tiny_toy_world(algo, tiny_toy, tmp_path, monkeypatch):
