@@ -233,12 +233,12 @@ def time_algorithm(spec, device, model, autocast, workdir, workload, data=None, 
         data_s[0] = 0.0
         sync(device)
         t_start = clock()
-        _, _, stepped = train_step(net, module, algo, optimizer, batches, cfg.grad_clip, count)
+        _, _, outcome = train_step(net, module, algo, optimizer, batches, cfg.grad_clip, count)
         sync(device)
         rows[-1].update(step_s=clock() - t_start, data_s=data_s[0])
-        if not stepped:
-            raise RuntimeError(f"{spec['algo']}: a non-finite loss or gradient norm skipped the update; the step time "
-                               "would not be a full step's")
+        if outcome != "stepped":
+            raise RuntimeError(f"{spec['algo']}: the update was skipped ({outcome}); the step time would not be a "
+                               "full step's")
     timed_rows = rows[spec["warmup"]:]
     median = lambda key: statistics.median(r[key] for r in timed_rows)  # noqa: E731
     trainable = [p for p in module.parameters() if p.requires_grad]

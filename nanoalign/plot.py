@@ -12,7 +12,7 @@ from pathlib import Path
 
 FIRST = ("loss", "rewards/margins", "rewards/accuracies", "kl", "objective/kl", "objective/scores",
          "objective/rlhf_reward", "nll_loss", "grad_norm")  # the panels a reader looks for first
-SKIP = ("step", "lr", "skipped_steps")
+SKIP = ("step", "lr", "skipped_steps", "no_signal_steps")
 
 
 def read_metrics(run):

@@ -105,6 +105,12 @@ class Algorithm:
         """(scalar loss, metrics dict) for one micro-batch. `model` is self.module wrapped by DDP / torch.compile."""
         raise NotImplementedError
 
+    def has_signal(self, batch):
+        """False when `batch` cannot move the weights (every row weighted 0: an online judge kept no pair). The
+        trainer skips the optimizer step when no micro-batch on any rank has signal: AdamW's momentum would
+        otherwise keep moving the weights on a zero gradient."""
+        return True
+
     def evaluate(self, model):
         """eval/<metric>: the loss and metrics of `loss` averaged over the first cfg.eval_batches micro-batches of
         self.eval_examples (called in eval mode under no_grad); {} without eval data."""
@@ -299,8 +305,10 @@ def train_step(model, module, algo, optimizer, batches, grad_clip, on_micro_batc
     region exits); each backward runs in a nested region with autocast off, as PyTorch recommends, which keeps that
     cache (a no-grad forward inside the region caches nothing that would cut a gradient off).
     tests/test_mixed_precision.py checks the gradients against one region per micro-batch for every algorithm.
-    Returns (metric sums over the micro-batches, {"data": s, "update": s}, stepped). `on_micro_batch(batch, metrics)`
-    is called after each backward (the benchmark counts tokens there)."""
+    A step whose micro-batches have no signal on any rank (Algorithm.has_signal) is computed for its metrics but
+    not taken. Returns (metric sums over the micro-batches, {"data": s, "update": s}, outcome): outcome is "stepped",
+    "nonfinite" or "no_signal". `on_micro_batch(batch, metrics)` is called after each backward (the benchmark counts
+    tokens there)."""
     ctx, sums = algo.ctx, {}
     t0 = time.perf_counter()
     step_batches = [to_device(next(batches), ctx.device) for _ in range(ctx.grad_accum)]  # online: rollouts here
@@ -321,15 +329,17 @@ def train_step(model, module, algo, optimizer, batches, grad_clip, on_micro_batc
     trainable = [p for p in module.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))  # inf: no clip
     bad = (~torch.isfinite(sums["loss"]) | ~torch.isfinite(norm)).float()
+    signal = torch.tensor([float(any(algo.has_signal(batch) for batch in step_batches))], device=bad.device)
     if ctx.world_size > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips, or none does
-    stepped = not bool(bad)
-    if stepped:
+        dist.all_reduce(signal, op=dist.ReduceOp.MAX)  # one rank with a kept row is enough to step
+    outcome = "nonfinite" if bool(bad) else "stepped" if bool(signal) else "no_signal"
+    if outcome == "stepped":
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sums["grad_norm"] = ctx.grad_accum * float(norm)  # averaged per micro-step when logged
     times["update"] += time.perf_counter() - t2
-    return sums, times, stepped
+    return sums, times, outcome
 
 
 def train(cfg, algorithm_cls, stop_after=None):
@@ -415,6 +425,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     started, last_record = time.perf_counter(), {}
     sums, n_micro, times = {}, 0, {"data": 0.0, "update": 0.0}
     skipped, skipped_in_a_row = 0, 0  # optimizer steps dropped for a non-finite loss or gradient norm
+    no_signal = 0  # optimizer steps not taken because no row had signal (Algorithm.has_signal)
     save_due = False  # a periodic checkpoint waits for the end of the current rollout
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, disable=rank != 0,
                dynamic_ncols=True, desc=algo.name if out_dir.name == algo.name else f"{algo.name} ({out_dir.name})")
@@ -423,12 +434,13 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_sums, step_times, stepped = train_step(model, module, algo, optimizer, batches, cfg.grad_clip)
+        step_sums, step_times, outcome = train_step(model, module, algo, optimizer, batches, cfg.grad_clip)
         add_metrics(sums, step_sums)
         times = {k: times[k] + step_times[k] for k in times}
         n_micro += grad_accum
-        skipped_in_a_row = 0 if stepped else skipped_in_a_row + 1
-        skipped += not stepped
+        no_signal += outcome == "no_signal"
+        skipped_in_a_row = skipped_in_a_row + 1 if outcome == "nonfinite" else 0
+        skipped += outcome == "nonfinite"
         if skipped_in_a_row:
             if rank == 0:
                 print(f"step {step + 1}: non-finite loss or gradient norm (loss {float(step_sums['loss']):.4g}, "
@@ -443,7 +455,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
         eval_now = bool(cfg.eval_interval) and ((step + 1) % cfg.eval_interval == 0 or last)
         if log_now or eval_now:  # an eval step is logged even between log steps (its row holds the train metrics too)
             record = {"step": step + 1, "lr": lr, **reduce_metrics(sums, n_micro, world_size, device),
-                      "skipped_steps": skipped}
+                      "skipped_steps": skipped, "no_signal_steps": no_signal}
             record.update({f"time/{k}_s": v / n_micro * grad_accum for k, v in times.items()})  # per optimizer step
             if eval_now:
                 module.eval()

@@ -318,6 +318,9 @@ def test_self_reward_pairs_follow_the_judge_and_drop_disagreements(files, tmp_pa
     algo.annotator.disagree.add(("d", "e"))
     pairs = algo.make_rows(rollout)
     assert pairs["weight"].tolist() == [1.0, 0.0] and algo.rollout_metrics["frac_ties"].item() == 0.5
+    assert algo.has_signal(pairs)
+    algo.annotator.disagree.update({("a", "b"), ("a", "c"), ("b", "c")})  # no verdict counts: the step is not taken
+    assert not algo.has_signal(algo.make_rows(rollout))
     no_rule = build(SelfReward, tiny_args(files / "prompts.jsonl", tmp_path, algo="self_reward", samples_per_prompt=3,
                                           reward_model="gold", batch_size=2, judge_agreement=False))
     no_rule.annotator = algo.annotator  # without judge_agreement every verdict counts: prompt 1 -> f over e

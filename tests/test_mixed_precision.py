@@ -80,8 +80,8 @@ def test_one_autocast_region_per_step_gives_the_gradients_of_one_region_per_micr
     plain = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
     capture = GradientCapture(module)
-    _, _, stepped = train_step(module, module, algo, capture, iter(step), grad_clip=0.0)
-    assert stepped and plain and capture.grads.keys() == plain.keys()
+    _, _, outcome = train_step(module, module, algo, capture, iter(step), grad_clip=0.0)
+    assert outcome == "stepped" and plain and capture.grads.keys() == plain.keys()
     for n in plain:
         assert torch.equal(capture.grads[n], plain[n]), n
         assert capture.grads[n].dtype == torch.float32, n  # the master weights' dtype

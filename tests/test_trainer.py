@@ -145,6 +145,34 @@ def test_a_non_finite_step_is_skipped_and_counted_and_the_weights_stay_finite(sf
     assert all(torch.isfinite(v).all() for v in load_checkpoint(out)["model"].values())
 
 
+class NoSignalAfter(SFT):
+    """SFT whose rows carry no signal after the first optimizer step: their loss is 0 and has_signal says so."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = 0
+
+    def has_signal(self, batch):
+        return self.calls <= self.ctx.grad_accum  # called after the step's micro-batches ran
+
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
+        self.calls += 1
+        return (loss if self.calls <= self.ctx.grad_accum else loss * 0.0), metrics
+
+
+def test_a_step_without_signal_is_not_taken_so_momentum_does_not_move_the_weights(sft_file, tmp_path):
+    """After step 1 every row has zero loss. AdamW's momentum alone would still move the weights on the zero
+    gradients (and weight decay shrink them); the trainer does not step, so the final weights are step 1's."""
+    args = tiny_args(sft_file, tmp_path / "a", max_steps=4, dropout=0.0, weight_decay=0.1)
+    after_one = load_checkpoint(train(config(*args), NoSignalAfter, stop_after=1))["model"]
+    out = train(config(*tiny_args(sft_file, tmp_path / "b", max_steps=4, dropout=0.0, weight_decay=0.1)), NoSignalAfter)
+    assert [r["no_signal_steps"] for r in records(out)] == [0, 1, 2, 3]
+    assert [r["skipped_steps"] for r in records(out)] == [0, 0, 0, 0]
+    final = load_checkpoint(out)["model"]
+    assert all(torch.equal(final[k], after_one[k]) for k in final)
+
+
 def test_a_diverged_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(sft_file, tmp_path):
     """NaN from step 3 on: steps 3-5 are skipped, the run stops at step 5; the checkpoints written every step hold the
     weights of step 2, the last update."""

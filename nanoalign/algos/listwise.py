@@ -10,7 +10,6 @@ Ties: `better_pairs[b, i, j]` is True only when s_i > s_j strictly, so tied comp
 each other; "the best" of a list (the answer the SFT terms of PRO and RRHF train on) is every completion with the
 top score, averaged as one token-mean NLL.
 """
-import torch
 
 from nanoalign.logps import batch_logps
 from nanoalign.trainer import Algorithm

@@ -114,6 +114,9 @@ class OnlineDPO(OnlineAlgorithm):
         self.rollout_metrics["frac_ties"] = 1 - weight.mean()
         return pairs_from_rollout(rollout, p_first > 0.5, weight)
 
+    def has_signal(self, batch):
+        return bool(batch["weight"].any())  # every pair a tie or a disagreement: nothing to learn from
+
     def loss(self, model, batch):
         both = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])  # one forward for chosen + rejected
                 for k in ("input_ids", "attention_mask", "response_mask")}
