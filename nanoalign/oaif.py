@@ -90,14 +90,16 @@ def offline_pairs(a, judge, n_labels, path):
     both = answers(base, tokenizer, ids, a.max_new_tokens, a.temperature, seed=a.seed)
     first, second = both.responses[0::2], both.responses[1::2]
     p, agree = judged(judge, both.prompts[0::2], first, second)
+    kept = 0
     with open(path, "w") as f:
         for i, keep in enumerate(agree.tolist()):
-            if keep and p[i] != 0.5 and first[i] != second[i]:
+            if keep and p[i] != 0.5 and first[i] != second[i]:  # a tie or two equal answers is no label
                 chosen, rejected = (first[i], second[i]) if p[i] > 0.5 else (second[i], first[i])
                 f.write(json.dumps({"prompt": rows[pick[i]]["prompt"],
                                     "chosen": [{"role": "assistant", "content": chosen}],
                                     "rejected": [{"role": "assistant", "content": rejected}]}) + "\n")
-    return int(agree.sum()), judge.last_disagreement
+                kept += 1
+    return kept, judge.last_disagreement
 
 
 def evaluate(a, judge, specs):
@@ -164,16 +166,20 @@ def main(argv=None):
         kept, disagreement = offline_pairs(a, judge, n_labels, out / "offline_pairs.jsonl")
         (out / "offline_labels.json").write_text(json.dumps({"labels": n_labels, "kept": kept,
                                                              "disagreement": disagreement}))
-        if kept == 0:
-            raise SystemExit(f"no offline pair of {n_labels} got the same label in both orders: nothing to train on")
-        batch = min(a.pairs_per_step, kept)  # DPO needs one global batch of pairs; record what it used
-        run(["--algo=dpo", *shared_args(a, out / "offline"), f"--data={out / 'offline_pairs.jsonl'}",
-             f"--batch_size={batch}", f"--micro_batch_size={batch}"])
+        if kept:
+            batch = min(a.pairs_per_step, kept)  # DPO needs one global batch of pairs; record what it used
+            run(["--algo=dpo", *shared_args(a, out / "offline"), f"--data={out / 'offline_pairs.jsonl'}",
+                 f"--batch_size={batch}", f"--micro_batch_size={batch}"])
+        else:  # nothing to train on; reported as such, the online run is still evaluated
+            print(f"no offline pair of {n_labels} got the same label in both orders: offline DPO is not trained")
     labels = json.loads((out / "offline_labels.json").read_text())
-    results, samples = evaluate(a, judge, {"online": f"ckpt:{out / 'online'}", "offline": f"ckpt:{out / 'offline'}"})
+    specs = {"online": f"ckpt:{out / 'online'}", **({"offline": f"ckpt:{out / 'offline'}"} if labels["kept"] else {})}
+    results, samples = evaluate(a, judge, specs)
     results["online"].update(labels=n_labels, kept=round(sum(a.pairs_per_step * (1 - r["frac_ties"]) for r in online)),
-                             train_disagreement=sum(r["judge/disagreement"] for r in online) / len(online))
-    results["offline"].update(labels=labels["labels"], kept=labels["kept"], train_disagreement=labels["disagreement"])
+                             train_disagreement=sum(r["judge/disagreement"] for r in online) / len(online),
+                             no_signal_steps=online[-1]["no_signal_steps"])
+    results.setdefault("offline", {"trained": False}).update(labels=labels["labels"], kept=labels["kept"],
+                                                             train_disagreement=labels["disagreement"])
     report = {"args": vars(a), "results": results, "samples": samples}
     (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(results, indent=2))
