@@ -9,12 +9,14 @@ algorithm is configured as train.py configures it. MFU is against a matmul measu
     python bench/bench.py --algos=dpo,sft --models=toy,gpt2 --dtypes=bf16
     python bench/bench.py --algos=dpo --models=gpt2 --logps=fused,plain --bucket=1,0          # the ablations
     python bench/bench.py --algos=dpo,rm --models=gpt2 --lora=0,16 --ref_logps=precompute,live
+    python bench/bench.py --algos=sft,dpo --models=gpt2 --ckpt=0,1                         # activation checkpointing
     python bench/bench.py --peers                              # against TRL and transformers (bench/peers.py)
     python bench/bench.py --gpu-check                          # one CUDA run: bf16 DPO/PPO/generate, compile 0/1
 
 Comma-list keys: algos (sft, rm, dpo, kto, orpo, ppo, generate, any registry name), models (common.MODELS), dtypes
 (fp32, bf16), devices (cpu, cuda), and the switches logps (fused, plain: the fused_logps key), bucket (1, 0:
-bucket_by_length), ref_logps (precompute, live), compile (0, 1), lora (0 = full fine-tuning, r = rank r, alpha 2r).
+bucket_by_length), ref_logps (precompute, live), compile (0, 1), lora (0 = full fine-tuning, r = rank r, alpha 2r),
+ckpt (0, 1: activation_checkpointing).
 Scalars: steps, warmup, repeats (the median run is shown), threads, clock (wall, or cpu: the process's CPU seconds,
 steadier on a shared machine), lora_targets, json (a path for every row).
 "peak MB" is the whole process (CUDA max allocated, or peak RSS); "run MB" is the peak above the memory held once

@@ -16,7 +16,7 @@ from nanoalign.algos import algo_config, get_algorithm
 from nanoalign.config import load_config
 from nanoalign.loading import apply_lora
 from nanoalign.lora import LoRALinear
-from nanoalign.model import GPT, GPTConfig, llama_config
+from nanoalign.model import GPT, GPTConfig, llama_config, set_activation_checkpointing
 from nanoalign.tokenizer import get_tokenizer
 from nanoalign.trainer import Context, make_optimizer, train_step
 
@@ -37,7 +37,7 @@ MODELS = {  # name: (model keyword arguments, CPU workload, CUDA workload)
 }
 ROLLOUT = dict(cpu=dict(batch=64, prompt=16, new=48), cuda=dict(batch=256, prompt=64, new=192))  # PPO rollout shape
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-SWITCHES = dict(logps="fused", bucket="1", ref_logps="precompute", compile="0", lora="0")  # ablation keys, defaults
+SWITCHES = dict(logps="fused", bucket="1", ref_logps="precompute", compile="0", lora="0", ckpt="0")  # ablations
 
 
 def build_model(name, device):
@@ -150,9 +150,10 @@ def wide_bytes_tokenizer():
 
 
 def switch_args(spec):
-    """The train.py keys of the ablation switches: logps (fused, plain), bucket (1, 0), and lora (rank r with alpha
-    2r, as the README's --lora_rank=16 --lora_alpha=32; targets from lora_targets or TrainConfig's; 0 = none)."""
-    args = [f"--fused_logps={spec['logps'] == 'fused'}", f"--bucket_by_length={spec['bucket'] == '1'}"]
+    """The train.py keys of the ablation switches: logps (fused, plain), bucket (1, 0), ckpt (activation
+    checkpointing 1, 0), and lora (rank r with alpha 2r, as the README's --lora_rank=16 --lora_alpha=32; targets from lora_targets or TrainConfig's; 0 = none)."""
+    args = [f"--fused_logps={spec['logps'] == 'fused'}", f"--bucket_by_length={spec['bucket'] == '1'}",
+            f"--activation_checkpointing={spec.get('ckpt') == '1'}"]
     rank = int(spec.get("lora") or 0)
     if rank:
         args += [f"--lora_rank={rank}", f"--lora_alpha={2 * rank}"]
@@ -210,7 +211,7 @@ def time_algorithm(spec, device, model, autocast, workdir, workload, data=None, 
     t0 = clock()
     algo, cfg = make_algorithm(spec, device, model, autocast, workdir, workload, data)  # DPO/KTO: reference pass
     setup_s = clock() - t0
-    module = algo.module.to(device)
+    module = set_activation_checkpointing(algo.module.to(device), cfg.activation_checkpointing)  # as trainer.run
     optimizer = make_optimizer(module, cfg, device)
     net = torch.compile(module) if spec["compile"] == "1" else module
     pad_id, N = algo.tokenizer.pad_id, linear_params(module)

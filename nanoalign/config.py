@@ -83,6 +83,7 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bfloat16: autocast on fp32 weights, no-grad models in
     #                                                       bf16 (precision.py); auto -> bf16 where measured faster
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
     fused_logps: bool = True  # log-probs through the fused head (logps.batch_logps); False -> full logits (plain)
     bucket_by_length: bool = True  # sort each global batch by length before cutting micro-batches (less padding)
     seed: int = 1337  # seeds the model init, the data order and sampling
@@ -92,6 +93,7 @@ class TrainConfig:
     eval_batches: Annotated[int, AT_LEAST_1] = 10  # micro-batches per evaluation
     ckpt_interval: Annotated[int, NON_NEGATIVE] = 100  # save a checkpoint every this many steps; 0 -> only at the end
     resume: bool = False  # continue from out_dir/ckpt.pt (same data order, same step); an error without one
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2)
     ddp_timeout_s: Annotated[int, AT_LEAST_1] = 600  # a collective waits this long for a stalled rank, then all stop
     overwrite: bool = False  # start again in an out_dir that already holds a run (else the run refuses it)
     # LoRA (Hu et al. 2021); lora_rank=0 trains all weights

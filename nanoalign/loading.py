@@ -125,11 +125,12 @@ def checkpointed_keys(module):
     return [k for k in module.state_dict() if is_lora_param(k) or not k.startswith(gpt_prefixes)]
 
 
-def trainable_state(module, cfg):
+def trainable_state(module, cfg, state=None):
     """The `model` (and for a LoRA run `lora`) entries of a run's checkpoint. Without LoRA: the full state dict.
     With LoRA: adapters, heads and buffers only, plus what it takes to rebuild the full model (a pointer to the
-    base, the adapters' shape, where each GPT sits in `module`, and which GPTs started from a reward model)."""
-    state = module.state_dict()
+    base, the adapters' shape, where each GPT sits in `module`, and which GPTs started from a reward model).
+    `state`: module's state dict when it was gathered elsewhere (FSDP: fsdp.full_state); default module.state_dict()."""
+    state = module.state_dict() if state is None else state
     if not cfg.lora_rank:
         return {"model": state}
     gpts = gpt_modules(module)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -179,6 +180,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # a training switch, not the architecture: set_activation_checkpointing
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos == "rope":
@@ -226,8 +228,12 @@ class GPT(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]                     # (B, 1, T, hd)
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         x = self.drop(x)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.blocks:
-            x = block(x, rope, mask, cache)
+            if recompute:  # keep only the block's input; backward runs its forward again (same dropout masks)
+                x = checkpoint(block, x, rope, mask, None, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
@@ -318,6 +324,18 @@ def last_token_index(attention_mask):
     return (positions * attention_mask.long()).argmax(dim=1)             # largest t with mask 1
 
 
+def set_activation_checkpointing(model, enabled=True):
+    """Activation (gradient) checkpointing for every GPT inside `model` (a policy, a critic, a reward trunk): each
+    block keeps only its input during a training forward and recomputes its activations in backward
+    (torch.utils.checkpoint, non-reentrant; dropout replays the same masks). Gradients are unchanged
+    (tests/test_model.py); memory for activations drops from every block's intermediates to one tensor per block, for
+    about one more forward of compute. No effect under no_grad or with a KV cache (generation)."""
+    for module in model.modules():
+        if isinstance(module, GPT):
+            module.activation_checkpointing = enabled
+    return model
+
+
 class RewardModel(nn.Module):
     """backbone: a GPT (its hidden states; its lm_head is unused). forward(input_ids, attention_mask) -> (B,)
     normalised reward read at the last real token; token_values(...) -> (B, T) the head at every position (a
@@ -341,7 +359,7 @@ class RewardModel(nn.Module):
         """(B, T): at each position t the normalised score the model would give if the sequence ended at t."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        h = self.backbone.hidden_states(input_ids, attention_mask)      # (B, T, C)
+        h = self.backbone(input_ids, attention_mask, return_hidden=True)  # (B, T, C), through forward (FSDP hooks)
         raw = self.head(h).squeeze(-1).float()                           # (B, T)
         if self.readout == "sum":
             raw = (raw * attention_mask).cumsum(dim=1)                   # sum_{s <= t} head(h_s) over real tokens

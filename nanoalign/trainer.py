@@ -26,7 +26,9 @@ from tqdm import tqdm
 from nanoalign.checkpoint import load_checkpoint, save_checkpoint
 from nanoalign.config import ConfigError, config_to_dict
 from nanoalign.data import collate, load_examples, micro_batches, to_device
+from nanoalign.fsdp import full_state, full_tensor, is_sharded, load_optimizer_state, shard
 from nanoalign.loading import apply_lora, build_policy, load_trainable_state, trainable_state
+from nanoalign.model import set_activation_checkpointing
 from nanoalign.precision import bf16_is_faster
 from nanoalign.report import Reporters, parse
 from nanoalign.rundir import check_resumable, claim, trim_metrics
@@ -317,7 +319,10 @@ def train_step(model, module, algo, optimizer, batches, grad_clip, on_micro_batc
     with ctx.autocast():
         for micro, batch in enumerate(step_batches):
             if ctx.world_size > 1:  # all-reduce gradients only on the last micro-step (set before its forward)
-                model.require_backward_grad_sync = micro == ctx.grad_accum - 1
+                if is_sharded(module):
+                    module.set_requires_gradient_sync(micro == ctx.grad_accum - 1)  # FSDP: reduce-scatter then
+                else:
+                    model.require_backward_grad_sync = micro == ctx.grad_accum - 1
             loss, metrics = algo.loss(model, batch)
             with torch.autocast(ctx.device.type, enabled=False):
                 (loss / ctx.grad_accum).backward()
@@ -328,6 +333,7 @@ def train_step(model, module, algo, optimizer, batches, grad_clip, on_micro_batc
     t2 = time.perf_counter()
     trainable = [p for p in module.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))  # inf: no clip
+    norm = full_tensor(norm)  # FSDP: the norm over every rank's shards
     bad = (~torch.isfinite(sums["loss"]) | ~torch.isfinite(norm)).float()
     signal = torch.tensor([float(any(algo.has_signal(batch) for batch in step_batches))], device=bad.device)
     if ctx.world_size > 1:
@@ -372,30 +378,39 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
                   torch.bfloat16 if dtype == "bfloat16" else None)
     algo = algorithm_cls(cfg, policy, tokenizer, ctx)
     apply_lora(algo.module, cfg)  # LoRA: adapters on any other LM the algorithm built (a critic); else a no-op
-    module = algo.module.to(device)
-    optimizer = make_optimizer(module, cfg, device)
+    module = set_activation_checkpointing(algo.module.to(device), cfg.activation_checkpointing)
+    if cfg.fsdp and world_size == 1 and not dist.is_initialized():
+        raise ConfigError("fsdp=true shards over the ranks of torchrun: run `torchrun --nproc_per_node=N train.py ...`")
 
-    start_step = 0
+    start_step, ckpt = 0, None
     resume_from = out_dir / "ckpt.pt"
     if cfg.resume:
         ckpt = load_checkpoint(resume_from, device)
         check_resumable(ckpt, algo.name, asdict(algo.policy.cfg), tokenizer.spec)
-        load_trainable_state(module, ckpt)
+        load_trainable_state(module, ckpt)  # into the whole module, before FSDP shards it
         algo.load_state_dict(ckpt)
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if cfg.fsdp:
+        shard(module, torch.bfloat16 if dtype == "bfloat16" else None)  # nanoalign/fsdp.py
+    optimizer = make_optimizer(module, cfg, device)
+    if ckpt is not None:
+        if cfg.fsdp:
+            load_optimizer_state(module, optimizer, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
         if start_step % algo.steps_per_rollout and start_step < cfg.max_steps:
             raise ValueError(f"{resume_from} was saved at step {start_step}, inside a rollout of "
                              f"{algo.steps_per_rollout} steps: its samples came from weights that are gone, so the run "
                              "cannot continue exactly from there (periodic checkpoints fall on rollout boundaries)")
-        set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rank_rng") or []  # every rank's own RNG (dropout, sampling), saved by a multi-rank run
+        set_rng_state(ranks[rank] if len(ranks) == world_size else ckpt["rng"])
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}")
     else:
         torch.manual_seed(cfg.seed + rank)  # dropout and sampling differ across ranks
 
     model = torch.compile(module) if cfg.compile else module  # compile before the DDP wrap (nanoGPT)
-    if world_size > 1:
+    if world_size > 1 and not cfg.fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -408,14 +423,26 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     reporters = Reporters(cfg.report_to if rank == 0 else "none", out_dir, config_to_dict(cfg), algo.name)
 
     def save(step):
-        weights = trainable_state(module, cfg)
+        if cfg.fsdp:  # gathered on rank 0 into the one ckpt.pt format (nanoalign/fsdp.py)
+            state, optimizer_state = full_state(module, optimizer)
+            weights = trainable_state(module, cfg, state) if rank == 0 else {"model": {}}
+        else:
+            weights, optimizer_state = trainable_state(module, cfg), optimizer.state_dict()
         nonfinite = [k for k, v in weights["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if nonfinite:  # every rank holds the same weights, so every rank stops here
+        if cfg.fsdp and world_size > 1:
+            shared = [nonfinite]
+            dist.broadcast_object_list(shared, src=0)  # only rank 0 has the gathered weights
+            nonfinite = shared[0]
+        if nonfinite:  # every rank holds the same weights (or rank 0's verdict), so every rank stops here
             raise RuntimeError(f"step {step}: weights {nonfinite[:3]} are not finite; {out_dir / 'ckpt.pt'} is left "
                                "as it was")
+        rngs = [rng_state()]
+        if world_size > 1:  # each rank's dropout and sampling stream differs (seed + rank): keep them all
+            rngs = [None] * world_size
+            dist.all_gather_object(rngs, rng_state())
         if rank == 0:
-            save_checkpoint(out_dir / "ckpt.pt", **weights, optimizer=optimizer.state_dict(),
-                            step=step, rng=rng_state(), config=config_to_dict(cfg), algo=algo.name,
+            save_checkpoint(out_dir / "ckpt.pt", **weights, optimizer=optimizer_state,
+                            step=step, rng=rngs[0], **({"rank_rng": rngs} if world_size > 1 else {}), config=config_to_dict(cfg), algo=algo.name,
                             model_config=asdict(algo.policy.cfg), tokenizer=tokenizer.spec, kind=algo.checkpoint_kind,
                             **algo.state_dict())
         if world_size > 1:

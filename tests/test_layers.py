@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nanoalign"
 LAYERS = [
-    {"model", "tokenizer", "chat", "logps", "lora", "checkpoint", "config", "plot", "precision"},  # nothing above
+    {"model", "tokenizer", "chat", "logps", "lora", "checkpoint", "config", "plot", "precision", "fsdp"},  # nothing above
     {"hf", "hf.config", "hf.weights", "hf.tokenizer", "hf.peft", "hf.gguf"},   # Hugging Face formats
     {"loading"},                                                               # spec -> model, the one place
     {"data", "rollout", "reference", "scorers", "judge", "rundir", "report"},           # data and what the loop feeds on

@@ -105,7 +105,7 @@ class ActorCritic(nn.Module):
         (input_ids, loss_mask, attention_mask of pretraining text) a third output: its token-mean NLL under the policy,
         in the same forward (D11), so DDP sees one forward per backward."""
         R = response_len
-        hidden = self.policy.hidden_states(input_ids, attention_mask)            # (B, P + R, C)
+        hidden = self.policy(input_ids, attention_mask, return_hidden=True)      # (B, P + R, C)
         h = hidden[:, -R - 1:-1]                                                  # (B, R, C) states before y_t
         logits = self.policy.lm_head(h)                                           # (B, R, V)
         if self.critic is None:
@@ -122,7 +122,7 @@ class ActorCritic(nn.Module):
         """Critic values only (the rollout's old values), without the policy's lm_head."""
         R = response_len
         if self.critic is None:
-            h = self.policy.hidden_states(input_ids, attention_mask)[:, -R - 1:-1]
+            h = self.policy(input_ids, attention_mask, return_hidden=True)[:, -R - 1:-1]
             return self.value_head(h).squeeze(-1).float()
         return self.critic.token_values(input_ids, attention_mask)[:, -R - 1:-1]
 
