@@ -11,7 +11,8 @@ algorithm is configured as train.py configures it. MFU is against a matmul measu
     python bench/bench.py --algos=dpo,rm --models=gpt2 --lora=0,16 --ref_logps=precompute,live
     python bench/bench.py --algos=sft,dpo --models=gpt2 --ckpt=0,1                         # activation checkpointing
     python bench/bench.py --peers                              # against TRL and transformers (bench/peers.py)
-    python bench/bench.py --gpu-check                          # one CUDA run: bf16 DPO/PPO/generate, compile 0/1
+    python bench/bench.py --gpu-check                          # one CUDA run: bf16 DPO/PPO/generate, compile 0/1,
+                                                               # then DPO and generate against TRL / transformers
 
 Comma-list keys: algos (sft, rm, dpo, kto, orpo, ppo, generate, any registry name), models (common.MODELS), dtypes
 (fp32, bf16), devices (cpu, cuda), and the switches logps (fused, plain: the fused_logps key), bucket (1, 0:
@@ -25,6 +26,7 @@ the weights were built: data, a reference, optimizer state, gradients, activatio
 per token forwarded without gradient or generated. Online algorithms get a rollout row and an update row.
 """
 import dataclasses
+import importlib.util
 import itertools
 import json
 import os
@@ -261,6 +263,11 @@ def main(argv=None):
         print(line)
     for note in notes:
         print("note:", note)
+    if "gpu-check" in opts and "cuda" in devices:  # the same DPO step (and generate) under TRL / transformers
+        if importlib.util.find_spec("trl") is None:
+            print("note: trl is not installed here: `pip install trl` adds TRL's DPO step (bench/peers.py)")
+        else:
+            peers.main(["--tasks=dpo,generate", "--dtypes=bf16", "--repeats=1", "--steps=3"])
     if opts["json"]:
         Path(opts["json"]).write_text(json.dumps(results, indent=1))
 

@@ -116,6 +116,7 @@ def evaluate(a, judge, specs):
         sampled = answers(policy, tokenizer, prompts, a.eval_tokens, 1.0, seed=a.seed, reference=Reference(base, copy=False))
         kl = ((sampled.logprobs - sampled.ref_logprobs) * sampled.response_mask).sum(1)  # (N,) k1 per answer
         results[name] = {"win_rate_vs_start": float(win.mean()), "judge_disagreement": judge.last_disagreement,
+                         "judge_calibrated_disagreement": judge.last_calibrated_disagreement,
                          "mean_length": float(greedy.response_mask.sum(1).mean()),
                          "start_mean_length": float(start.response_mask.sum(1).mean()), "kl": float(kl.mean())}
         samples[name] = greedy.responses
