@@ -2,7 +2,8 @@
 
 Each ```bash block's commands run in order in a fresh folder that holds train.py, sample.py and data/ (as the
 repository root does), on the tiny toy world (NANOALIGN_TOY_RECIPE=tiny) with step counts cut: --max_steps=N becomes
-max(2, N // 100), a train.py command without it gets 2. `pip install` and the test command itself are skipped (this
+max(2, N // 100), a train.py command without it gets 2, and the OAIF recipe runs one step of 4 pairs with 4-token
+answers. `pip install` and the test command itself are skipped (this
 suite is that command); a block that needs the real model's package is skipped without it.
 """
 import importlib.util
@@ -35,6 +36,9 @@ def commands(block):
                 steps = re.search(r"--max_steps=(\d+)", command)
                 command = (re.sub(r"--max_steps=\d+", f"--max_steps={max(2, int(steps[1]) // 100)}", command)
                            if steps else command + " --max_steps=2")
+            if command.startswith("python -m nanoalign.oaif"):  # the real-model recipe: one step, a few tokens
+                command = re.sub(r" --(steps|pairs_per_step|max_new_tokens|eval_tokens)=\d+", "", command)
+                command += " --steps=1 --pairs_per_step=4 --max_new_tokens=4 --eval_tokens=4"
             out.append(command)
     return out
 
@@ -44,6 +48,8 @@ def test_the_readme_has_command_blocks_and_the_parser_cuts_steps():
     assert len(blocks) >= 3
     assert commands("pip install x && python train.py  # the default\n") == ["python train.py --max_steps=2"]
     assert commands("python train.py --max_steps=400 --resume") == ["python train.py --max_steps=4 --resume"]
+    assert commands("python -m nanoalign.oaif --out=o --steps=24 --eval_tokens=48") == [
+        "python -m nanoalign.oaif --out=o --steps=1 --pairs_per_step=4 --max_new_tokens=4 --eval_tokens=4"]
 
 
 @pytest.mark.parametrize("index", range(len(bash_blocks((ROOT / "README.md").read_text()))))
