@@ -2,40 +2,44 @@
 
 Richemond, Tang, Guo, Calandriello, Azar, Rafailov, Avila Pires, Tarassov, Spangher, Ellsworth, Severyn, Mallinson,
 Shani, Shamir, Joshi, Liu, Munos, Piot 2024, "Offline Regularised Reinforcement Learning for Large Language Models
-Alignment", arXiv:2405.19107. Instead of pairs, each example is one answer y to a prompt x with a scalar reward r.
-The KL-regularised optimum pi*(y|x) = pi_ref(y|x) exp(r(x, y) / tau) / Z(x) satisfies
-r(x, y) = V*(x) + tau log pi*(y|x) / pi_ref(y|x) with V*(x) = tau log Z(x) for EVERY y, so DRO fits both with one
-squared residual over the offline data (the DRO objective):
+Alignment", arXiv:2405.19107 (equation numbers here are those of arXiv v1). Instead of pairs, each example is one
+answer y to a prompt x with a scalar reward r. The optimum of the KL-regularised objective (Eq. 1 of the paper),
+pi*(y|x) = pi_ref(y|x) exp(r(x, y) / tau) / Z(x) (Eq. 2), satisfies r(x, y) = V*(x) + tau log pi*(y|x) / pi_ref(y|x)
+with V*(x) = tau log Z(x) for EVERY y (Eq. 3), so DRO fits both with one squared residual over the offline data (the
+DRO loss, Eq. 4):
 
     L(theta, phi) = 1/2 E_{(x, y, r)} [ (r - V_phi(x) - tau log pi_theta(y|x) / pi_ref(y|x))^2 ],
 
-whose unique minimiser is (pi*, V*). DRO-V takes a gradient step on each of theta and phi, with the policy's gradient
-divided by tau (the paper's form):
+whose unique minimiser is (pi*, V*) (the paper's Theorem 1, given equal supports of the data and pi_ref). DRO-V takes
+a gradient step on each of theta and phi: the value gradient is Eq. 7, and the policy gradient Eq. 8 divided by tau,
+the rescaling the paper applies in practice (its Algorithm 1):
 
-    policy:  -E[ grad log pi(y|x) (r - V(x)) ] + tau/2 grad E[ (log pi(y|x) / pi_ref(y|x))^2 ]
-    value:    E[ (V(x) - r + tau log pi(y|x) / pi_ref(y|x)) grad V(x) ]
+    policy:  -E[ grad log pi(y|x) (r - V(x)) ] + tau/2 grad E[ (log pi(y|x) / pi_ref(y|x))^2 ]     (Eq. 8 / tau)
+    value:    E[ (V(x) - r + tau log pi(y|x) / pi_ref(y|x)) grad V(x) ]                          (Eq. 7)
 
 As losses with stop-gradients sg (dro_loss below): L_pi = -(r - sg(V)) log pi + tau/2 L^2 with L the log-ratio,
 L_V = 1/2 (r - V - tau sg(L))^2, and the step minimises L_pi + value_coef * L_V.
 Gradients (derived by hand; tests/test_negative_loss.py checks them against autograd):
     dL_pi/dlog pi = -(r - V) + tau L,      dL_V/dV = -(r - V - tau L) = V - r + tau L.
-Both vanish exactly at r = V + tau L, the optimum's identity above.
+Both vanish exactly at r = V + tau L, the optimum's identity above (Eq. 3).
 
 Data: the binary format {"prompt","completion","label"} (a preference file is unpaired first, as for KTO), with the
-reward r = 1 for a desirable answer (label true) and r = 0 for an undesirable one: the toy world's binary.jsonl has
-no scalar reward field, only thumbs up / down, as the paper's experiments do. Every row is used.
+reward r = 1 for a desirable answer (label true) and r = 0 for an undesirable one, the paper's own example of
+thumbs up / down (its Section 2): the toy world's binary.jsonl has no scalar reward field. Every row is used.
 
 This implementation differs from the paper in:
   - the value network V(x) is a scalar head on a copy of the policy's transformer (model.RewardModel on the SFT
     weights, a fresh head, the same shape as PPO's separate critic), read at the last prompt token, so V sees x only
     (a causal model's hidden state there does not depend on y; an empty prompt without a BOS token has no such
     position, and V is read after the first answer token instead). The paper's DRO-V also uses a separate value
-    network; its initialisation and size are ours. The value's learning rate is the policy's (one optimizer);
-    `value_coef` scales its loss instead.
-  - both losses are means over each micro-batch; log pi is SUMMED over the answer's tokens (the paper's sequence
-    log-likelihood), and pi_ref's log-probs are precomputed once before training (as for DPO).
-  - equation numbers are not given: the paper's text was not at hand; the objective and the two gradients above
-    are written from the paper's statement of DRO and DRO-V.
+    network (Section 3.3, where one value shared by the whole batch does worse than many); its initialisation and
+    size are ours. The value's learning rate is the policy's (one optimizer; the paper updates theta and phi
+    separately, both at 1e-4 by default, Section 4); `value_coef` scales its loss instead.
+  - the rewards are binary labels, not the paper's experimental rewards: those are UltraFeedback's scalar scores,
+    normalised to mean 0 and variance 1 over the dataset (its Section 4).
+  - both losses are means over each micro-batch (as Algorithm 1; Eqs. 7 and 8 write sums); log pi is SUMMED over the
+    answer's tokens (the paper's sequence log-likelihood), and pi_ref's log-probs are precomputed once before
+    training (as for DPO).
 """
 import copy
 from dataclasses import dataclass

@@ -2,18 +2,21 @@
 
 Liu et al. 2024, "LiPO: Listwise Preference Optimization through Learning-to-Rank", arXiv:2402.01878. Each of the
 K responses y_i to a prompt x has a label psi_i (its score, higher is better) and the DPO implicit reward
+(Eq. 2 of the paper; equation numbers here are those of arXiv v3)
 
     s_i = beta log pi(y_i|x) / pi_ref(y_i|x).
 
-LiPO-lambda (the paper's section "LiPO-lambda", the LambdaLoss objective of Wang et al. 2018) is a pairwise logistic
-loss over every pair the labels order, each pair weighted by how much swapping it changes the list's DCG:
+LiPO-lambda (Eq. 8 of the paper, the LambdaLoss objective of Wang et al. 2018) is a pairwise logistic loss over every
+pair the labels order, each pair weighted by how much swapping it changes the list's DCG (Delta, G and D are defined
+in the text under Eq. 8; the paper writes -log sigmoid(s_i - s_j) as log(1 + exp(-(s_i - s_j)))):
 
     L = - sum_{psi_i > psi_j} Delta_ij log sigmoid(s_i - s_j),
     Delta_ij = |G_i - G_j| * |1/D(tau(i)) - 1/D(tau(j))|,   G_i = 2^psi_i - 1,   D(tau) = log2(1 + tau),
 
 where tau(i) is the rank of y_i (1 = top) in the order the CURRENT rewards s put the list in. Delta is a weight, not
 differentiated (it is piecewise constant in s). With K = 2 the two ranks are always 1 and 2, so
-Delta = |G_w - G_l| (1 - 1/log2 3) is a constant and the loss is DPO's (Eq. 7 of Rafailov et al.) times it.
+Delta = |G_w - G_l| (1 - 1/log2 3) is a constant and the loss is DPO's (Eq. 7 of Rafailov et al.) times it; Delta = 1
+for every pair gives the paper's pair-logistic loss (its Eq. 5), which is DPO's on all pairs.
 
 Gradient (derived by hand; tests/test_listwise_loss.py checks it against autograd): with Delta fixed,
     dL/ds_m = - sum_{j: psi_m > psi_j} Delta_mj sigmoid(s_j - s_m) + sum_{i: psi_i > psi_m} Delta_im sigmoid(s_m - s_i),
@@ -26,9 +29,10 @@ completions tied in both s and psi share a rank.
 This implementation differs from the paper in:
   - the discount is log base 2, as in NDCG (top rank: 1/D = 1); the paper writes log(1 + tau). The base only scales
     every Delta by one constant (ln 2), i.e. the learning rate.
-  - labels are the data's scores as given; a "ranking" row (best first) gets psi = k-1, ..., 1, 0 (data.py). The
-    gains 2^psi - 1 depend on the scores' scale: the toy world's annotator scores lie around 0-1, so its gain gaps are
-    below 1 and beta / lr play the role they play in DPO.
+  - labels are the data's scores as given; a "ranking" row (best first) gets psi = k-1, ..., 1, 0 (data.py). The paper
+    assumes psi in [0, 1] (its Section 2.2; its experiments use each response's mean win probability under a pairwise
+    reward model). The gains 2^psi - 1 depend on the scores' scale: the toy world's annotator scores lie around 0-1,
+    so its gain gaps are below 1 and beta / lr play the role they play in DPO; a ranking row of k > 2 leaves [0, 1].
   - losses are summed over the pairs of a list and averaged over the lists of a micro-batch.
   - reference log-probs are precomputed once before training (ref_logps="precompute", default) or kept live, as
     in algos/dpo.py (nanoalign.reference).
