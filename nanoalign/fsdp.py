@@ -5,8 +5,8 @@ algorithm has one) with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`): 
 state are split over the ranks, and each unit's parameters are all-gathered just before its forward.
 Units: every transformer block, then every GPT (its embeddings, final norm and head), then the module's root (a
 value head, a reward head). A GPT unit stays gathered after its forward (reshard_after_forward=False) because the
-fused log-prob head, generate() and PPO's value heads read its head weight after the forward returns; the root's other entry points (PPO's
-`values`) are registered as forward methods.
+fused log-prob head, generate() and PPO's value heads read its head weight after the forward returns; the root's
+other entry points (PPO's `values`) are registered as forward methods.
 Mixed precision in a bf16 run: parameters are gathered in bf16 and gradients reduced in fp32
 (MixedPrecisionPolicy); the fp32 shards stay the master weights. Outside the sharded module nothing changes: the
 offline algorithms precompute pi_ref (no second model), an online run's frozen reference and reward model are
@@ -77,5 +77,6 @@ def load_optimizer_state(module, optimizer, state):
     names = {id(p): name for name, p in module.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     named = {"state": {order[i]: s for i, s in state["state"].items()},
-             "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]}
+             "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                              for group in state["param_groups"]]}
     set_optimizer_state_dict(module, optimizer, named, options=StateDictOptions(full_state_dict=True))
