@@ -151,7 +151,8 @@ def wide_bytes_tokenizer():
 
 def switch_args(spec):
     """The train.py keys of the ablation switches: logps (fused, plain), bucket (1, 0), ckpt (activation
-    checkpointing 1, 0), and lora (rank r with alpha 2r, as the README's --lora_rank=16 --lora_alpha=32; targets from lora_targets or TrainConfig's; 0 = none)."""
+    checkpointing 1, 0), and lora (rank r with alpha 2r, as the README's --lora_rank=16 --lora_alpha=32; targets
+    from lora_targets or TrainConfig's; 0 = none)."""
     args = [f"--fused_logps={spec['logps'] == 'fused'}", f"--bucket_by_length={spec['bucket'] == '1'}",
             f"--activation_checkpointing={spec.get('ckpt') == '1'}"]
     rank = int(spec.get("lora") or 0)

@@ -442,7 +442,8 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
             dist.all_gather_object(rngs, rng_state())
         if rank == 0:
             save_checkpoint(out_dir / "ckpt.pt", **weights, optimizer=optimizer_state,
-                            step=step, rng=rngs[0], **({"rank_rng": rngs} if world_size > 1 else {}), config=config_to_dict(cfg), algo=algo.name,
+                            step=step, rng=rngs[0], **({"rank_rng": rngs} if world_size > 1 else {}),
+                            config=config_to_dict(cfg), algo=algo.name,
                             model_config=asdict(algo.policy.cfg), tokenizer=tokenizer.spec, kind=algo.checkpoint_kind,
                             **algo.state_dict())
         if world_size > 1:
