@@ -45,6 +45,7 @@ class CompletionLogps(torch.autograd.Function):
     Mixed precision: `weight` is the head's own (fp32 master) weight and `dtype` the matmul dtype (bf16 under
     autocast, None otherwise): the cast happens once here and dL/dW is summed in fp32 and returned in the master's
     dtype, instead of autograd casting a bf16 dL/dW back to fp32 (two (V x C) copies and a rounding per backward).
+    A frozen head (LoRA, or a bf16 inference copy) gets no dL/dW at all: that (V x n x C) matmul per chunk is skipped.
     """
 
     @staticmethod
@@ -69,6 +70,7 @@ class CompletionLogps(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, targets, lse = ctx.saved_tensors
         grad_hidden, grad_weight = torch.empty_like(hidden), None               # (N, C); (V, C) summed in fp32
+        wants_weight_grad = ctx.needs_input_grad[1]                              # False for a frozen head
         saved, ctx.last_logits = ctx.last_logits, None                         # consumed once (in place below)
         for s in reversed(range(0, hidden.shape[0], ctx.chunk)):               # the last chunk first: it is saved
             h, t = hidden[s:s + ctx.chunk], targets[s:s + ctx.chunk]
@@ -83,8 +85,11 @@ class CompletionLogps(torch.autograd.Function):
             dz.scatter_add_(1, t[:, None], g)                                  # + g_i / temperature at j = t_i
             dz = dz.to(hidden.dtype)                                           # (n, V) dL/d(h W^T)
             grad_hidden[s:s + ctx.chunk] = dz @ weight
-            part = dz.T @ h                                                    # (V, C) this chunk's dL/dW
-            grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)  # fp32 += bf16: one pass
+            if wants_weight_grad:
+                part = dz.T @ h                                                # (V, C) this chunk's dL/dW
+                grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)  # fp32 += bf16
+        if not wants_weight_grad:
+            return grad_hidden, None, None, None, None, None
         if grad_weight is None:                                                # no completion tokens at all
             grad_weight = torch.zeros(weight.shape, device=weight.device)
         return grad_hidden, grad_weight.to(ctx.master_dtype), None, None, None, None

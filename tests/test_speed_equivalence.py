@@ -52,7 +52,7 @@ def values_and_grads(fn, model, ids, mask, temperature=1.0):
     logps, counts, per_token = fn(model, ids, mask, temperature=temperature)
     (logps.sum() + (per_token ** 2).sum()).backward()  # the per-token output is used by PPO-style losses
     core = getattr(model, "module", getattr(model, "_orig_mod", model))  # names without a DDP/compile prefix
-    grads = {name: p.grad.clone() for name, p in core.named_parameters()}
+    grads = {name: p.grad.clone() for name, p in core.named_parameters() if p.requires_grad}
     return logps.detach(), counts, per_token.detach(), grads
 
 
@@ -182,6 +182,26 @@ def test_last_chunk_logits_are_reused_not_recomputed(chunk_rows, backward_matmul
     model.zero_grad(set_to_none=True)
     logps.sum().backward()
     torch.testing.assert_close(model.lm_head.weight.grad, first, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_frozen_head_skips_its_weight_gradient_and_keeps_every_other(name, monkeypatch):
+    """A frozen head (LoRA runs; the tied GPT-2 head is the frozen embedding) needs no dL/dW: backward runs one
+    vocabulary matmul per chunk (dL/dh) plus the recomputations, not two, and every other gradient equals the plain
+    path's."""
+    monkeypatch.setattr(nanoalign.logps, "CHUNK_ELEMENTS", 7 * V)  # 38 completion rows: 6 chunks
+    model = make(name)
+    model.lm_head.weight.requires_grad_(False)
+    ids, mask = batch()
+    plain = values_and_grads(batch_logps_plain, model, ids, mask)
+    fused = values_and_grads(batch_logps, model, ids, mask)
+    assert "lm_head.weight" not in fused[3] and fused[3]  # the head is frozen, the rest trains
+    logps, _, _ = batch_logps(model, ids, mask)
+    with CountHeadMatmuls(V) as counter:
+        logps.sum().backward()
+    assert counter.count == 6 + 5  # dL/dh per chunk + 5 recomputed chunks (the last chunk's logits are kept)
+    assert model.lm_head.weight.grad is None
+    assert_same(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_logps_through_ddp_wrapper():
