@@ -18,7 +18,7 @@ from nanoalign.loading import apply_lora
 from nanoalign.lora import LoRALinear
 from nanoalign.model import GPT, GPTConfig, llama_config, set_activation_checkpointing
 from nanoalign.tokenizer import get_tokenizer
-from nanoalign.trainer import Context, make_optimizer, train_step
+from nanoalign.trainer import Context, finish_lora, make_optimizer, train_step
 
 MODELS = {  # name: (model keyword arguments, CPU workload, CUDA workload)
     "toy": (dict(arch="gpt2", vocab_size=1024, block_size=128, n_layer=4, n_head=4, n_embd=128),
@@ -191,7 +191,7 @@ def make_algorithm(spec, device, model, autocast, workdir, workload, data=None):
         apply_lora(model, pretrained)
     algo = algo_cls(cfg, model, wide_bytes_tokenizer(), ctx)
     if cfg.lora_rank:
-        apply_lora(algo.module, pretrained)  # a critic or reward trunk the algorithm built
+        finish_lora(algo, pretrained)  # a critic or reward trunk the algorithm built; the frozen base in bf16
     return algo, cfg
 
 

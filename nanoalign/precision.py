@@ -7,6 +7,8 @@ on every call, those of nn.Linear layers (the head included, untied from the emb
 and embeddings keep their dtype. Under the same autocast such a model computes exactly what its fp32 original
 computes (the casts are the same roundings; tests/test_mixed_precision.py checks bit equality), without re-casting
 its weights per call, and with half their memory. `inference_autocast` is the context they answer in.
+`cast_frozen_linears_` does the same to the frozen base of a LoRA run, whose adapters and heads keep training in fp32:
+its checkpoint stores only those, so the fp32 base is read again from init_from when it is exported or merged.
 
 `bf16_is_faster` is what dtype="auto" asks on a CPU: bf16 matmuls are fast only on some CPUs (AVX512-BF16, AMX),
 and on a small model the casts around them cost more than they save, so it times the model's own MLP matmul in
@@ -31,6 +33,24 @@ def cast_for_inference_(model, dtype):
             if module.bias is not None:
                 module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
     return model
+
+
+def cast_frozen_linears_(model, dtype):
+    """Store the frozen weights and biases of every linear layer of `model` in `dtype`, in place: nn.Linear and any
+    module with `in_features` (a LoRALinear's base weight), but never a parameter that trains (the LoRA A and B, value
+    and reward heads) nor an embedding. A tied head gets its own copy. Under a `dtype` autocast the layers compute
+    exactly what they computed before (autocast made the same cast on every call). Returns the number of elements
+    cast."""
+    cast = 0
+    for module in model.modules():
+        if not (isinstance(module, nn.Linear) or hasattr(module, "in_features")):
+            continue
+        for name in ("weight", "bias"):
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter) and not param.requires_grad and param.dtype != dtype:
+                setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+                cast += param.numel()
+    return cast
 
 
 def inference_autocast(model, dtype):

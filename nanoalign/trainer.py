@@ -29,7 +29,7 @@ from nanoalign.data import collate, load_examples, micro_batches, to_device
 from nanoalign.fsdp import full_state, full_tensor, is_sharded, load_optimizer_state, shard
 from nanoalign.loading import apply_lora, build_policy, load_trainable_state, trainable_state
 from nanoalign.model import set_activation_checkpointing
-from nanoalign.precision import bf16_is_faster
+from nanoalign.precision import bf16_is_faster, cast_frozen_linears_
 from nanoalign.report import Reporters, parse
 from nanoalign.rundir import check_resumable, claim, trim_metrics
 
@@ -106,6 +106,11 @@ class Algorithm:
     def loss(self, model, batch):
         """(scalar loss, metrics dict) for one micro-batch. `model` is self.module wrapped by DDP / torch.compile."""
         raise NotImplementedError
+
+    def policy_answers_in_fp32(self):
+        """True when the policy itself runs outside the run's autocast (self_reward's fp32 self-judge); a bf16 LoRA run
+        then keeps its frozen base in fp32 instead of storing it in bf16 (precision.cast_frozen_linears_)."""
+        return False
 
     def has_signal(self, batch):
         """False when `batch` cannot move the weights (every row weighted 0: an online judge kept no pair). The
@@ -364,6 +369,16 @@ def train(cfg, algorithm_cls, stop_after=None):
             lock.close()  # releases the flock
 
 
+def finish_lora(algo, cfg):
+    """LoRA's side of a run once the algorithm is built (a no-op without lora_rank): adapters on any other LM it
+    made (a critic, a reward trunk); then, in a bf16 run, the frozen base stored in bf16 once instead of cast by
+    autocast every step (precision.cast_frozen_linears_; same numbers). Not under FSDP, whose policy casts when it
+    gathers, nor when the policy answers outside autocast (policy_answers_in_fp32)."""
+    apply_lora(algo.module, cfg)
+    if cfg.lora_rank and algo.ctx.inference_dtype is not None and not cfg.fsdp and not algo.policy_answers_in_fp32():
+        cast_frozen_linears_(algo.module, algo.ctx.inference_dtype)
+
+
 def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop):
     """The loop itself, on a claimed out dir (see train)."""
     micro_batch_size, grad_accum = split_batch(cfg.batch_size, cfg.micro_batch_size, world_size)
@@ -377,7 +392,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     ctx = Context(device, rank, world_size, micro_batch_size, grad_accum, autocast,
                   torch.bfloat16 if dtype == "bfloat16" else None)
     algo = algorithm_cls(cfg, policy, tokenizer, ctx)
-    apply_lora(algo.module, cfg)  # LoRA: adapters on any other LM the algorithm built (a critic); else a no-op
+    finish_lora(algo, cfg)
     module = set_activation_checkpointing(algo.module.to(device), cfg.activation_checkpointing)
     if cfg.fsdp and world_size == 1 and not dist.is_initialized():
         raise ConfigError("fsdp=true shards over the ranks of torchrun: run `torchrun --nproc_per_node=N train.py ...`")

@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nanoalign.trainer as trainer
+
 from nanoalign.algos.dpo import DPO
 from nanoalign.algos.ppo import PPO
 from nanoalign.algos.rm import RewardTrainer
@@ -295,6 +297,37 @@ def test_two_steps_with_lora_for_other_algorithms(run_files, tmp_path, algo, ext
     ckpt = load_checkpoint(out)
     assert ckpt["step"] == 2 and ckpt["lora"]["rank"] == 4 and all(is_lora_param(k) for k in ckpt["model"])
     assert len([json.loads(line) for line in open(Path(out) / "metrics.jsonl")]) == 2
+
+
+@pytest.mark.parametrize("algo,extra", [("dpo", {"ref_logps": "live"}), ("dpo", {}),
+                                        ("ppo", dict(reward_model="gold", rollout_batch_size=8, epochs=1,
+                                                     max_new_tokens=6, max_steps=4, dropout=0.1))])
+def test_bf16_lora_run_stores_its_frozen_base_in_bf16_and_trains_as_without(run_files, tmp_path, monkeypatch, algo,
+                                                                           extra):
+    """In a bf16 LoRA run the frozen base's linear weights are stored in bf16 once (precision.cast_frozen_linears_):
+    under the run's autocast every loss, metric and adapter update is bit-identical to the run that leaves them fp32
+    and lets autocast cast them on every step, for the policy, the reference (adapters off) and PPO's critic; the
+    checkpoint holds the fp32 adapters only."""
+    kept = []
+
+    def keep(module, dtype):  # the trainer's call, recorded: the module as the run trains it
+        kept.append((trainer_cast(module, dtype), module))
+    trainer_cast = trainer.cast_frozen_linears_
+    monkeypatch.setattr(trainer, "cast_frozen_linears_", keep)
+    cast = train_main(run_args(run_files, tmp_path / "cast", algo=algo, dtype="bfloat16", **extra))
+    monkeypatch.setattr(trainer, "cast_frozen_linears_", lambda module, dtype: None)
+    plain = train_main(run_args(run_files, tmp_path / "plain", algo=algo, dtype="bfloat16", **extra))
+    (elements, module), = kept
+    assert elements > 0 and {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
+    assert sum(p.numel() for p in module.parameters() if p.dtype == torch.bfloat16) == elements
+    assert all(p.dtype == torch.float32 for n, p in module.named_parameters() if "emb" in n or "norm" in n)
+    assert all(m.weight.dtype == torch.bfloat16 for m in lora_layers(module))  # the base under the adapters
+    records = [[json.loads(line) for line in open(Path(out) / "metrics.jsonl")] for out in (cast, plain)]
+    drop_time = lambda rs: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rs]  # noqa: E731
+    assert drop_time(records[0]) == drop_time(records[1]) and len(records[0]) == extra.get("max_steps", 2)
+    saved, expected = load_checkpoint(cast)["model"], load_checkpoint(plain)["model"]
+    assert saved.keys() == expected.keys() and all(v.dtype == torch.float32 for v in saved.values())
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
 
 
 def test_lora_from_scratch_is_refused(run_files, tmp_path):

@@ -101,6 +101,9 @@ class SelfReward(OnlineDPO):
             return make_judge(self.policy, self.tokenizer, self.cfg, frozen=False)
         return super().make_annotator()
 
+    def policy_answers_in_fp32(self):
+        return self.cfg.judge == "self"  # the self-judge reads the policy in fp32 (judge.py says why)
+
     def make_rows(self, rollout):
         n = self.cfg.samples_per_prompt
         B, pairs = len(rollout) // n, judged_pairs(n)
