@@ -11,8 +11,11 @@ import torch
 
 from nanoalign.algos import algo_config, get_algorithm
 from nanoalign.algos.lipo import LiPO, lambda_weights
+from nanoalign.algos.pro import PRO, pro_loss
+from nanoalign.algos.rrhf import RRHF, rrhf_loss
 from nanoalign.config import load_config
 from nanoalign.data import read_jsonl
+from nanoalign.logps import batch_logps
 from nanoalign.loading import build_policy
 from nanoalign.toy.pipeline import RECIPES, prepare
 from nanoalign.trainer import Context
@@ -71,6 +74,36 @@ def test_lipo_precomputed_reference_equals_live_and_first_loss_is_sum_delta_log_
     expected = (delta * better).sum((-2, -1)).mean() * math.log(2)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and metrics["rewards/margins"] == 0
     assert live.loss(live.policy, live.collate(live.examples[:4]))[0].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("algorithm_cls, weights, ranking", [
+    (PRO, dict(pro_sft_weight=0.3, pro_temperature="reward_difference"),
+     lambda r, s, v: pro_loss(r, s, v, temperature="reward_difference")),
+    (RRHF, dict(rrhf_rank_weight=2.5), lambda r, s, v: 2.5 * rrhf_loss(r, s, v))])
+def test_pro_and_rrhf_weigh_their_ranking_and_best_completion_nll_as_their_papers(algorithm_cls, weights, ranking,
+                                                                                 list_file, tmp_path):
+    """PRO: L_PRO + beta L_SFT; RRHF (Eq. 4): w L_rank + L_ft; both on r = log pi / |y| and the token-mean NLL of the
+    top-scored completion(s), computed here row by row from the policy's per-completion log-probs."""
+    algo, policy = build(algorithm_cls, *tiny_args(list_file, tmp_path, algo=algorithm_cls.name, **weights))
+    batch = algo.collate(algo.examples[:4])
+    loss, metrics = algo.loss(policy, batch)
+    logps, counts, _ = batch_logps(policy, batch["input_ids"], batch["loss_mask"])  # (N,) one row per completion
+    scores, valid = batch["scores"], batch["valid"]
+    rows = iter(range(len(logps)))
+    avg, best_logps, best_counts = torch.zeros(scores.shape), [], []
+    for b in range(scores.shape[0]):
+        top = max(scores[b, j] for j in range(scores.shape[1]) if valid[b, j])
+        for j in range(scores.shape[1]):
+            if valid[b, j]:
+                n = next(rows)
+                avg[b, j] = logps[n] / counts[n]
+                if scores[b, j] == top:
+                    best_logps.append(logps[n]), best_counts.append(counts[n])
+    nll = -sum(best_logps) / sum(best_counts)  # token mean over every top-scored completion
+    sft_weight = weights.get("pro_sft_weight", 1.0)
+    expected = ranking(avg, scores, valid).mean() + sft_weight * nll
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["nll_loss"].item() == pytest.approx(nll.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("algo", LISTWISE)

@@ -11,6 +11,7 @@ each other; "the best" of a list (the answer the SFT terms of PRO and RRHF train
 top score, averaged as one token-mean NLL.
 """
 
+from nanoalign.algos.sft import sft_loss
 from nanoalign.logps import batch_logps
 from nanoalign.trainer import Algorithm
 
@@ -66,3 +67,17 @@ class ListwiseAlgorithm(Algorithm):
         logps, counts, _ = batch_logps(model, batch["input_ids"], batch["loss_mask"],  # one forward, (N,)
                                        fused=self.cfg.fused_logps)
         return to_slots(logps, batch["valid"]), to_slots(counts, batch["valid"])  # (B, K), (B, K)
+
+    def ranking_plus_sft(self, model, batch, ranking_loss, *, rank_weight=1.0, sft_weight=1.0):
+        """The objective PRO and RRHF share: rank_weight * ranking_loss(r, scores, valid) averaged over the lists, on
+        the length-normalised log-likelihoods r = log pi(y|x) / |y|, plus sft_weight * the token-mean NLL of the best
+        completion(s) of each list (algos/sft.py). Returns (loss, metrics)."""
+        logps, counts = self.list_logps(model, batch)  # (B, K) summed log pi, lengths
+        scores, valid = batch["scores"], batch["valid"]
+        avg = logps / counts.clamp(min=1)  # r(x, y): length-normalised log-likelihood, (B, K)
+        ranking = ranking_loss(avg, scores, valid).mean()
+        best = best_slots(scores, valid)  # (B, K)
+        nll = sft_loss(logps[best], counts[best])  # token-mean NLL of the best completion(s)
+        loss = rank_weight * ranking + sft_weight * nll
+        return loss, {"ranking_loss": ranking.detach(), "nll_loss": nll.detach(),
+                      **ranking_metrics(avg.detach(), logps.detach(), scores, valid)}

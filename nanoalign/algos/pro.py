@@ -35,13 +35,13 @@ This implementation differs from the paper in:
   - losses are averaged over the lists of a micro-batch; each list's terms are summed (as the paper and its code).
   - no self-bootstrapping (the paper's optional extension that samples new candidates during training).
 """
+import functools
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
 
-from nanoalign.algos.listwise import ListwiseAlgorithm, best_slots, better_pairs, ranking_metrics
-from nanoalign.algos.sft import sft_loss
+from nanoalign.algos.listwise import ListwiseAlgorithm, better_pairs
 from nanoalign.config import NON_NEGATIVE
 
 TEMPERATURES = ("none", "reward_difference")
@@ -70,7 +70,7 @@ def pro_loss(avg_logps, scores, valid, *, temperature="none"):
     return torch.where(has_term, terms, 0.0).sum(-1)  # (B,)
 
 
-# --- Algorithm adapter: batch -> (B, K) average log-probs -> pro_loss + the SFT term on the best ---
+# --- Algorithm adapter: pro_loss on the (B, K) average log-probs + the SFT term on the best (listwise.py) ---
 
 
 @dataclass
@@ -85,12 +85,5 @@ class PRO(ListwiseAlgorithm):
     key_metrics = ("rewards/accuracies", "nll_loss")
 
     def loss(self, model, batch):
-        logps, counts = self.list_logps(model, batch)  # (B, K) summed log pi, lengths
-        scores, valid = batch["scores"], batch["valid"]
-        avg = logps / counts.clamp(min=1)  # r(x, y): length-normalised log-likelihood, (B, K)
-        ranking = pro_loss(avg, scores, valid, temperature=self.cfg.pro_temperature).mean()
-        best = best_slots(scores, valid)  # (B, K)
-        nll = sft_loss(logps[best], counts[best])  # token-mean NLL of the best completion(s)
-        loss = ranking + self.cfg.pro_sft_weight * nll
-        return loss, {"ranking_loss": ranking.detach(), "nll_loss": nll.detach(),
-                      **ranking_metrics(avg.detach(), logps.detach(), scores, valid)}
+        ranking = functools.partial(pro_loss, temperature=self.cfg.pro_temperature)
+        return self.ranking_plus_sft(model, batch, ranking, sft_weight=self.cfg.pro_sft_weight)  # L_PRO + beta L_SFT

@@ -33,8 +33,7 @@ from typing import Annotated
 
 import torch
 
-from nanoalign.algos.listwise import ListwiseAlgorithm, best_slots, better_pairs, ranking_metrics
-from nanoalign.algos.sft import sft_loss
+from nanoalign.algos.listwise import ListwiseAlgorithm, better_pairs
 from nanoalign.config import NON_NEGATIVE
 
 
@@ -49,7 +48,7 @@ def rrhf_loss(avg_logps, scores, valid):
     return (hinge * better).sum((-2, -1))  # (B,)
 
 
-# --- Algorithm adapter: batch -> (B, K) average log-probs -> rrhf_loss + L_ft on the best ---
+# --- Algorithm adapter: rrhf_loss on the (B, K) average log-probs (Eq. 1) + L_ft on the best (listwise.py) ---
 
 
 @dataclass
@@ -63,12 +62,4 @@ class RRHF(ListwiseAlgorithm):
     key_metrics = ("rewards/accuracies", "nll_loss")
 
     def loss(self, model, batch):
-        logps, counts = self.list_logps(model, batch)  # (B, K) summed log pi, lengths
-        scores, valid = batch["scores"], batch["valid"]
-        avg = logps / counts.clamp(min=1)  # p_i, Eq. 1, (B, K)
-        ranking = rrhf_loss(avg, scores, valid).mean()
-        best = best_slots(scores, valid)  # (B, K)
-        nll = sft_loss(logps[best], counts[best])  # L_ft, token mean over the best response(s)
-        loss = self.cfg.rrhf_rank_weight * ranking + nll
-        return loss, {"ranking_loss": ranking.detach(), "nll_loss": nll.detach(),
-                      **ranking_metrics(avg.detach(), logps.detach(), scores, valid)}
+        return self.ranking_plus_sft(model, batch, rrhf_loss, rank_weight=self.cfg.rrhf_rank_weight)  # Eq. 4
