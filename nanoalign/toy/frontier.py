@@ -175,7 +175,8 @@ def plot(points: list[dict], path: Path) -> bool:
     algos = list(dict.fromkeys(p["algo"] for p in points if p["algo"] != "sft"))
     colours = plt.get_cmap("tab20").colors if len(algos) > 10 else plt.get_cmap("tab10").colors
     styles = zip(itertools.cycle(colours), itertools.cycle("osD^vP*Xhp<>"))  # 12 markers x 10-20 colours
-    fig, ax = plt.subplots(figsize=(8, 4.6))
+    columns = 1 if len(algos) <= 18 else 2  # a legend of one column holds ~18 entries at this height
+    fig, ax = plt.subplots(figsize=(7 + 1.6 * columns, 4.6))
     for algo, (colour, marker) in zip(algos, styles):
         run = sorted((p for p in points if p["algo"] == algo), key=lambda p: p["kl"])
         ax.errorbar([p["kl"] for p in run], [p["gold_reward"] for p in run], xerr=[p["kl_se"] for p in run],
@@ -194,7 +195,7 @@ def plot(points: list[dict], path: Path) -> bool:
     ax.set_ylabel("gold reward (mean over held-out prompts)")
     ax.set_title("toy controlled sentiment: reward vs KL frontier")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # outside, on the right
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, ncols=columns)  # outside
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
