@@ -43,6 +43,8 @@ import peers
 from common import DTYPES, MODELS, ROLLOUT, SWITCHES, Memory, sync
 from nanoalign.algos import ALGORITHMS, get_algorithm
 from nanoalign.lora import is_lora_param
+from nanoalign.model import set_attention_fp32
+from nanoalign.trainer import resolve_attention_fp32
 
 DEFAULTS = dict(algos="sft,rm,dpo,kto,orpo,ppo,generate", models="toy,gpt2,llama", dtypes="fp32,bf16", devices="",
                 **SWITCHES, steps="", warmup="", repeats="1", json="", threads="", clock="wall", lora_targets="")
@@ -99,6 +101,7 @@ def run_one(spec):
         return dict(gflops=matmul_peak(device, getattr(torch, DTYPES[spec["dtype"]]), clock))
     autocast = common.autocast_for(spec["dtype"], device)
     model = common.build_model(spec["model"], device)
+    set_attention_fp32(resolve_attention_fp32(spec["dtype"] == "bf16", device, model.cfg))  # as the trainer decides
     memory = Memory(device)
     memory.loaded()  # libraries + weights; the run's growth is measured above this
     if spec["algo"] == "generate":

@@ -39,6 +39,8 @@ import torch
 from common import MODELS, ROLLOUT, SWITCHES, Memory, autocast_for, make_clock, sync, time_algorithm, write_data
 from nanoalign.hf.tokenizer import bytes_to_unicode
 from nanoalign.hf.weights import load_hf_model
+from nanoalign.model import set_attention_fp32
+from nanoalign.trainer import resolve_attention_fp32
 
 DPO_SHAPE = dict(prompt=(16, 48), completion=(16, 64), batch=4, micro=4)  # pairs per step: one micro-batch
 DEFAULTS = dict(model="gpt2", dtypes="fp32,bf16", repeats="3", steps="3", threads="", clock="wall",
@@ -102,6 +104,7 @@ def trl_dpo(spec, model_dir, data, device, clock, memory):
 
 def nanoalign_dpo(spec, model_dir, data, device, clock, memory):
     model, _ = load_hf_model(model_dir, device)
+    set_attention_fp32(resolve_attention_fp32(spec["dtype"] == "bf16", device, model.cfg))  # as the trainer decides
     memory.loaded()
     run = {**SWITCHES, "algo": "dpo", "dtype": spec["dtype"], "ref_logps": spec["ref"], "warmup": 1,
            "steps": spec["steps"]}
@@ -124,6 +127,7 @@ def generate_times(spec, model_dir, device, clock, memory):
         call = lambda: model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device), **kwargs)  # noqa: E731
     else:
         model = load_hf_model(model_dir, device)[0].eval()
+        set_attention_fp32(resolve_attention_fp32(spec["dtype"] == "bf16", device, model.cfg))  # as in training
         call = lambda: model.generate(prompts.tolist(), shape["new"], temperature=1.0, eos_id=None)  # noqa: E731
     memory.loaded()
     times = []

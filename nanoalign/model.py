@@ -3,11 +3,13 @@
 GPT-2:  learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
 Llama:  RoPE (configurable theta, Llama-3 rope scaling), RMSNorm, SwiGLU MLP, grouped-query attention
         (n_kv_head < n_head), optional q/k/v bias (Qwen2), untied head.
-Attention is F.scaled_dot_product_attention. generate() runs a preallocated KV cache over ragged, left-padded
-prompts and returns the sampled tokens together with their log-probs, so RL code need not recompute them.
+Attention is F.scaled_dot_product_attention (in fp32 under autocast where set_attention_fp32 asks). generate() runs
+a preallocated KV cache over ragged, left-padded prompts and returns the sampled tokens together with their
+log-probs, so RL code need not recompute them.
 RewardModel (a GPT trunk with a scalar head, trained by algos/rm.py, read by PPO's critic and the RM scorer)
 sits at the end. This file imports nothing else of nanoalign.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -15,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+_attention_fp32 = False  # set_attention_fp32
 
 
 @dataclass
@@ -127,9 +131,14 @@ class Attention(nn.Module):
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                               # (B, nkv, S, hd), S = past + T
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=c.dropout if self.training else 0.0, enable_gqa=c.n_kv_head != c.n_head)  # (B, nh, T, hd)
+        dtype, fp32 = q.dtype, _attention_fp32
+        with torch.autocast(x.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+            if fp32:  # the bf16 q, k, v upcast exactly; softmax(qk^T)v in fp32, its output rounded back below
+                q, k, v = q.float(), k.float(), v.float()
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                dropout_p=c.dropout if self.training else 0.0, enable_gqa=c.n_kv_head != c.n_head)  # (B, nh, T, hd)
+        y = y.to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
 
@@ -260,8 +269,9 @@ class GPT(nn.Module):
                 raise ValueError("empty prompt: prepend a BOS/EOS token")
             prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             attn[i, P - len(p):P] = 1
-        autocast = torch.is_autocast_enabled(device.type)  # the cache holds k, v in the dtype the layers make them
+        autocast = torch.is_autocast_enabled(device.type)  # the cache holds k, v in the dtype attention reads them
         cache_dtype = torch.get_autocast_dtype(device.type) if autocast else self.lm_head.weight.dtype
+        cache_dtype = torch.float32 if _attention_fp32 else cache_dtype  # no upcast of the whole cache per step
         cache = KVCache(self.cfg, B, P + max_new_tokens, device, cache_dtype)
         tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device)
@@ -334,6 +344,19 @@ def set_activation_checkpointing(model, enabled=True):
         if isinstance(module, GPT):
             module.activation_checkpointing = enabled
     return model
+
+
+def set_attention_fp32(enabled):
+    """Run scaled_dot_product_attention in fp32 (autocast off inside it) in every model of this process, and keep
+    generate()'s KV cache in fp32; returns the previous setting. A process-wide kernel choice, like torch.backends'
+    flags, so that a policy, its frozen reference and its scorers always attend alike. The inputs are the bf16 q, k,
+    v that autocast's projections make, upcast exactly, and the output is rounded back to their dtype: the change is
+    attention's own arithmetic only (fp32 sums where the bf16 kernel rounds). It is for CPUs whose bf16 attention
+    kernel is slower than the fp32 one (precision.fp32_attention_is_faster measures it; docs/performance.md); an fp32
+    model outside autocast computes exactly as without it."""
+    global _attention_fp32
+    previous, _attention_fp32 = _attention_fp32, bool(enabled)
+    return previous
 
 
 class RewardModel(nn.Module):

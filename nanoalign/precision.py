@@ -12,13 +12,16 @@ its checkpoint stores only those, so the fp32 base is read again from init_from 
 
 `bf16_is_faster` is what dtype="auto" asks on a CPU: bf16 matmuls are fast only on some CPUs (AVX512-BF16, AMX),
 and on a small model the casts around them cost more than they save, so it times the model's own MLP matmul in
-both dtypes (docs/performance.md has the measurements).
+both dtypes (docs/performance.md has the measurements). `fp32_attention_is_faster` asks the same of attention: on
+some CPUs PyTorch's bf16 scaled_dot_product_attention is slower than its fp32 kernel (its backward and the decode
+step of generate() most), and model.set_attention_fp32 then runs attention alone in fp32 inside the bf16 autocast.
 """
 import contextlib
 import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def cast_for_inference_(model, dtype):
@@ -79,3 +82,28 @@ def bf16_is_faster(n_embd, hidden=None, rows=512, repeats=5, margin=1.2):
         a @ b  # warm-up: the first call picks a kernel
         timings[dtype] = _best_seconds(lambda: a @ b, repeats)
     return timings[torch.float32] >= margin * timings[torch.bfloat16]
+
+
+def fp32_attention_is_faster(n_head, head_dim, repeats=3, margin=1.2):
+    """True when attention at the model's head shape runs `margin` times faster in fp32 (bf16 inputs upcast, output
+    rounded back, as model.set_attention_fp32 does) than in bf16 on this CPU, summed over the two places it runs: a
+    training forward + backward (8 rows of 128 causal tokens) and a decode step of generate() (64 rows, one query
+    against 64 keys that the KV cache holds in the dtype attention reads)."""
+    timings = {}
+    for upcast in (False, True):
+        wide = torch.float32 if upcast else torch.bfloat16
+        q, k, v = (torch.randn(8, n_head, 128, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        step_q = torch.randn(64, n_head, 1, head_dim, dtype=torch.bfloat16)
+        cached_k, cached_v = (torch.randn(64, n_head, 64, head_dim, dtype=wide) for _ in range(2))
+        mask = torch.ones(64, 1, 1, 64, dtype=torch.bool)
+
+        def train():
+            y = F.scaled_dot_product_attention(q.to(wide), k.to(wide), v.to(wide), is_causal=True)
+            y.to(torch.bfloat16).sum().backward()
+
+        def decode():
+            F.scaled_dot_product_attention(step_q.to(wide), cached_k, cached_v, attn_mask=mask).to(torch.bfloat16)
+
+        train(), decode()  # warm-up: the first calls pick kernels
+        timings[upcast] = _best_seconds(train, repeats) + _best_seconds(decode, repeats)
+    return timings[False] >= margin * timings[True]

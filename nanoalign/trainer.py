@@ -28,8 +28,8 @@ from nanoalign.config import ConfigError, config_to_dict
 from nanoalign.data import collate, load_examples, micro_batches, to_device
 from nanoalign.fsdp import full_state, full_tensor, is_sharded, load_optimizer_state, shard
 from nanoalign.loading import apply_lora, build_policy, load_trainable_state, trainable_state
-from nanoalign.model import set_activation_checkpointing
-from nanoalign.precision import bf16_is_faster, cast_frozen_linears_
+from nanoalign.model import set_activation_checkpointing, set_attention_fp32
+from nanoalign.precision import bf16_is_faster, cast_frozen_linears_, fp32_attention_is_faster
 from nanoalign.report import Reporters, parse
 from nanoalign.rundir import check_resumable, claim, trim_metrics
 
@@ -183,6 +183,18 @@ def resolve_dtype(cfg, device, model_cfg, world_size=1):
         dist.broadcast(decision, 0)
         faster = bool(decision.item())
     return "bfloat16" if faster else "float32"
+
+
+def resolve_attention_fp32(bf16, device, model_cfg, world_size=1):
+    """Whether a run attends in fp32 inside its bf16 autocast (model.set_attention_fp32): only on a CPU, and only
+    where attention at the model's head shape is measured faster so (precision.fp32_attention_is_faster); rank 0's
+    measurement decides for every rank, so that all ranks compute alike."""
+    faster = bf16 and device.type == "cpu" and fp32_attention_is_faster(model_cfg.n_head, model_cfg.head_dim)
+    if world_size > 1:
+        decision = torch.tensor([float(faster)])
+        dist.broadcast(decision, 0)
+        faster = bool(decision.item())
+    return faster
 
 
 def make_optimizer(module, cfg, device):
@@ -388,6 +400,8 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     policy, tokenizer = build_policy(cfg, device)  # with LoRA adapters already, so pi_ref = adapters off
     dtype = resolve_dtype(cfg, device, policy.cfg, world_size)
+    attention_fp32 = resolve_attention_fp32(dtype == "bfloat16", device, policy.cfg, world_size)
+    set_attention_fp32(attention_fp32)  # for every model of the run: policy, reference, scorers alike
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
     ctx = Context(device, rank, world_size, micro_batch_size, grad_accum, autocast,
                   torch.bfloat16 if dtype == "bfloat16" else None)
@@ -431,7 +445,8 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
         out_dir.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
         print(f"{algo.name}: {n_train:,} trainable parameters of {sum(p.numel() for p in module.parameters()):,}; "
-              f"{world_size} rank(s), grad_accum={grad_accum}, dtype={dtype}, device={device}")
+              f"{world_size} rank(s), grad_accum={grad_accum}, dtype={dtype}{' (attention fp32)' * attention_fp32}, "
+              f"device={device}")
     if rank == 0 and start_step:
         trim_metrics(out_dir / "metrics.jsonl", start_step)  # rows logged after the checkpoint come again
     log_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w") if rank == 0 else None

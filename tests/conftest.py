@@ -8,7 +8,16 @@ from nanoalign.algos import algo_config
 from nanoalign.algos.sft import SFT
 from nanoalign.config import load_config
 from nanoalign.hf.gguf import ensure_smollm2
+from nanoalign.model import set_attention_fp32
 from nanoalign.toy.pipeline import RECIPES, prepare
+
+
+@pytest.fixture(autouse=True)
+def attention_precision_restored():
+    """set_attention_fp32 is process-wide (a training run sets it from its dtype): no test leaves it to the next."""
+    previous = set_attention_fp32(False)
+    yield
+    set_attention_fp32(previous)
 
 
 @pytest.fixture(scope="session")

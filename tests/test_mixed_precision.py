@@ -1,6 +1,7 @@
 """bf16 done as the trainer does it, against the plain way: one autocast region per optimizer step gives the same
 gradients as one region per micro-batch (for every algorithm class), the fused log-probs return the fp32 master
 weight's gradient, and the reference's bf16 inference copy answers exactly as the fp32 policy under autocast."""
+import contextlib
 import copy
 import dataclasses
 from pathlib import Path
@@ -14,8 +15,9 @@ from nanoalign.data import to_device
 from nanoalign.loading import build_policy
 from nanoalign.judge import LLMJudge
 from nanoalign.logps import batch_logps
-from nanoalign.model import GPT, GPTConfig, RewardModel, llama_config
-from nanoalign.precision import bf16_is_faster
+from nanoalign import model as model_module
+from nanoalign.model import GPT, GPTConfig, RewardModel, llama_config, set_attention_fp32
+from nanoalign.precision import bf16_is_faster, fp32_attention_is_faster
 from nanoalign.reference import Reference
 from nanoalign.rollout import response_logps
 from nanoalign.scorers import RewardModelScorer
@@ -157,13 +159,16 @@ def test_judge_label_logits_give_the_log_softmax_log_odds():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention_fp32", [False, True])
 @pytest.mark.parametrize("name, tolerance", [("grpo", 0.0), ("ppo", 1e-3)])
-def test_bf16_run_ratio_and_kl_at_step_0(name, tolerance, tmp_path):
+def test_bf16_run_ratio_and_kl_at_step_0(name, tolerance, attention_fp32, tmp_path):
     """Old log-probs in a bf16 run. GRPO (like RLOO and online DPO) recomputes them with the policy under the run's
     autocast, the forward its loss runs, and the reference is the bf16 copy under the same autocast: at step 0 the
     ratio pi / pi_old is exactly 1 and the KL to the reference exactly 0. PPO keeps generate()'s incremental KV-cache
     log-probs (lm-human-preferences; recompute_logprobs=true switches): under bf16 they differ from the full
-    forward's by rounding, so its first ratio is 1 within `tolerance` per token."""
+    forward's by rounding, so its first ratio is 1 within `tolerance` per token. Both with attention in bf16 and in
+    fp32 (set_attention_fp32, which also keeps generate()'s KV cache in fp32)."""
+    set_attention_fp32(attention_fp32)
     algo = build(name, tmp_path)
     assert algo.reference.frozen.lm_head.weight.dtype == torch.bfloat16
     batch = to_device(next(algo.batches(0)), CPU)
@@ -195,3 +200,75 @@ def test_auto_dtype_is_bf16_only_where_measured_faster(monkeypatch):
     assert trainer.resolve_dtype(cfg, CPU, model_cfg) == "bfloat16" and shapes == [(32, 128)]  # the model's MLP
     monkeypatch.setattr(trainer, "bf16_is_faster", lambda n_embd, hidden: False)
     assert trainer.resolve_dtype(cfg, CPU, model_cfg) == "float32"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fp32_attention_changes_only_attention_arithmetic_under_autocast(arch):
+    """Outside autocast an fp32 model computes bit for bit the same with set_attention_fp32 on; under bf16 autocast
+    its logits and gradients change (the attention kernel's arithmetic) and stay within bf16 rounding of the logits
+    and gradients with bf16 attention, as far from the fp32 model's as those are."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 97, (4, 24))
+    mask = torch.ones(4, 24, dtype=torch.long)
+    mask[:2, :5] = 0  # left padding: the masked attention path
+
+    def logits_and_grads(autocast):
+        model.zero_grad()
+        with autocast():
+            logits = model(ids, mask).float()  # (B, T, V)
+        (logits * torch.linspace(-1, 1, 97)).sum().backward()
+        return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    plain = logits_and_grads(contextlib.nullcontext)
+    bf16_attention = logits_and_grads(BF16)
+    set_attention_fp32(True)
+    fp32_outside = logits_and_grads(contextlib.nullcontext)
+    fp32_attention = logits_and_grads(BF16)
+    assert all(torch.equal(a, b) for a, b in zip(plain, fp32_outside))
+    for i in range(2):  # logits, then gradients
+        assert not torch.equal(fp32_attention[i], bf16_attention[i])
+        fp32_error, bf16_error = ((x[i] - plain[i]).abs().mean() for x in (fp32_attention, bf16_attention))
+        assert fp32_error < 1.25 * bf16_error  # no worse than bf16 attention (the matmuls' rounding dominates)
+        torch.testing.assert_close(fp32_attention[i], bf16_attention[i], rtol=0.1, atol=0.1)  # still bf16 matmuls
+
+
+def test_fp32_attention_keeps_the_kv_cache_in_fp32_and_generate_matches_the_full_forward(monkeypatch):
+    """Under bf16 autocast with attention in fp32, generate() holds its KV cache in fp32 (no upcast of the cache
+    per step) and its incremental log-probs match a full forward's under the same autocast (bf16 rounding apart)."""
+    model, dtypes = tiny_model("llama").eval(), []
+    original = model_module.KVCache
+
+    def spy(cfg, batch_size, max_len, device, dtype):
+        dtypes.append(dtype)
+        return original(cfg, batch_size, max_len, device, dtype)
+
+    monkeypatch.setattr(model_module, "KVCache", spy)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    for fp32 in (False, True):
+        set_attention_fp32(fp32)
+        with torch.no_grad(), BF16():
+            out = model.generate(prompts, 8, generator=torch.Generator().manual_seed(0))
+            ids = torch.cat([out.prompt_ids, out.tokens], 1)
+            mask = torch.cat([out.prompt_mask, out.mask.long()], 1)
+            full = model(ids, mask).float().log_softmax(-1)[:, out.prompt_ids.shape[1] - 1:-1]  # (B, new, V)
+        expected = full.gather(-1, out.tokens[..., None])[..., 0] * out.mask
+        torch.testing.assert_close(out.logprobs, expected, rtol=0, atol=0.05)
+    assert dtypes == [torch.bfloat16, torch.float32]
+
+
+def test_fp32_attention_is_faster_compares_the_two_timings():
+    assert fp32_attention_is_faster(2, 16, repeats=1, margin=0.0)
+    assert not fp32_attention_is_faster(2, 16, repeats=1, margin=float("inf"))
+
+
+def test_attention_is_fp32_only_in_bf16_cpu_runs_where_measured_faster(monkeypatch):
+    model_cfg = GPTConfig(vocab_size=97, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    shapes = []
+    monkeypatch.setattr(trainer, "fp32_attention_is_faster", lambda n_head, head_dim: shapes.append((n_head, head_dim))
+                        or True)
+    assert not trainer.resolve_attention_fp32(False, CPU, model_cfg)  # an fp32 run: never
+    assert not trainer.resolve_attention_fp32(True, torch.device("cuda"), model_cfg)  # GPU kernels: bf16
+    assert shapes == []
+    assert trainer.resolve_attention_fp32(True, CPU, model_cfg) and shapes == [(2, 16)]  # the model's heads
+    monkeypatch.setattr(trainer, "fp32_attention_is_faster", lambda n_head, head_dim: False)
+    assert not trainer.resolve_attention_fp32(True, CPU, model_cfg)
