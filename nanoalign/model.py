@@ -3,9 +3,9 @@
 GPT-2:  learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
 Llama:  RoPE (configurable theta, Llama-3 rope scaling), RMSNorm, SwiGLU MLP, grouped-query attention
         (n_kv_head < n_head), optional q/k/v bias (Qwen2), untied head.
-Attention is F.scaled_dot_product_attention (in fp32 under autocast where set_attention_fp32 asks). generate() runs
-a preallocated KV cache over ragged, left-padded prompts and returns the sampled tokens together with their
-log-probs, so RL code need not recompute them.
+Attention is F.scaled_dot_product_attention (in fp32 under autocast where set_attention_fp32 asks; a decode step in
+fp32 on a CPU is decode_attention's two matmuls). generate() runs a preallocated KV cache over ragged, left-padded
+prompts and returns the sampled tokens together with their log-probs, so RL code need not recompute them.
 RewardModel (a GPT trunk with a scalar head, trained by algos/rm.py, read by PPO's critic and the RM scorer)
 sits at the end. This file imports nothing else of nanoalign.
 """
@@ -100,7 +100,8 @@ class KVCache:
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        # uninitialised: update() writes positions [length, length + T) before it returns any of them for reading
+        self.k, self.v = torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
 
     def update(self, layer, k, v):
@@ -108,6 +109,24 @@ class KVCache:
         self.k[layer, :, :, self.length:self.length + T] = k
         self.v[layer, :, :, self.length:self.length + T] = v
         return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+
+
+def decode_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(hd) + mask) v for ONE query per row against the cached keys, as two batched matmuls:
+    what scaled_dot_product_attention computes, but PyTorch's CPU kernel for it (a flash-attention kernel tiled for
+    long queries) was measured 2-4x slower at a single query (docs/performance.md). q (B, nh, 1, hd); k, v
+    (B, nkv, S, hd) with nh a multiple of nkv (grouped-query: query head h reads kv head h // (nh / nkv), as SDPA's
+    enable_gqa); mask (B, 1, 1, S) bool, True where attended, or None. Used for fp32 attention (an fp32 model, or
+    set_attention_fp32), where its sums are as exact as the kernel's; in bf16 its scores would be rounded to bf16
+    before the softmax, which the kernel avoids, so bf16 attention keeps the kernel."""
+    B, nh, _, hd = q.shape
+    nkv = k.size(1)
+    q = q.reshape(B, nkv, nh // nkv, hd)                                         # the query heads of each kv head
+    scores = (q @ k.transpose(-1, -2)).float() * hd ** -0.5                      # (B, nkv, nh / nkv, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))                        # mask (B, 1, 1, S) broadcasts
+    y = scores.softmax(-1).to(v.dtype) @ v                                       # (B, nkv, nh / nkv, hd)
+    return y.reshape(B, nh, 1, hd)
 
 
 class Attention(nn.Module):
@@ -135,9 +154,14 @@ class Attention(nn.Module):
         with torch.autocast(x.device.type, enabled=False) if fp32 else contextlib.nullcontext():
             if fp32:  # the bf16 q, k, v upcast exactly; softmax(qk^T)v in fp32, its output rounded back below
                 q, k, v = q.float(), k.float(), v.float()
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None,
-                dropout_p=c.dropout if self.training else 0.0, enable_gqa=c.n_kv_head != c.n_head)  # (B, nh, T, hd)
+            dropout = c.dropout if self.training else 0.0
+            decode = T == 1 and cache is not None and dropout == 0.0                # a step of generate()
+            if decode and q.dtype == torch.float32 and x.device.type == "cpu":
+                y = decode_attention(q, k, v, mask)                             # (B, nh, 1, hd)
+            else:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None,
+                    dropout_p=dropout, enable_gqa=c.n_kv_head != c.n_head)      # (B, nh, T, hd)
         y = y.to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
@@ -276,43 +300,67 @@ class GPT(nn.Module):
         tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        # the step's (B, V) fp32 logits and their exponentials live in two buffers reused by every step: a fresh
+        # tensor of that size per step page-faults its memory in again, which cost more than the arithmetic on it
+        scaled = torch.empty(B, self.cfg.vocab_size, device=device)
+        weights = torch.empty_like(scaled)
         last = self(prompt_ids, attn[:, :P], cache, return_hidden=True)[:, -1]   # (B, C): the head runs on the
-        logits = self.lm_head(last).float()                                       # last prompt position only (B, V)
+        logits = self.lm_head(last)                                               # last prompt position only (B, V)
         for t in range(max_new_tokens):
-            scaled = logits / temperature if temperature not in (0, 1) else logits
-            logp = F.log_softmax(scaled, dim=-1)                                  # (B, V) sampling distribution
+            scaled.copy_(logits)                                                  # in fp32
+            if temperature not in (0, 1):
+                scaled.div_(temperature)
+            top = scaled.amax(-1, keepdim=True)                                   # (B, 1)
+            torch.sub(scaled, top, out=weights).exp_()                            # (B, V) unnormalised probabilities
+            log_total = weights.sum(-1, keepdim=True).log_() + top                # (B, 1) log-sum-exp of scaled
             if temperature > 0:
                 filtered = top_k or top_p < 1.0
-                probs = filter_logits(scaled, top_k, top_p).softmax(-1) if filtered else logp.exp()  # (B, V)
-                nxt = sample_categorical(probs, generator)
+                nxt = sample_categorical(filter_logits(scaled, top_k, top_p).softmax(-1) if filtered else weights,
+                                         generator)
             else:
                 nxt = scaled.argmax(-1)
             tokens[:, t] = torch.where(done, pad_id, nxt)
-            logprobs[:, t] = torch.where(done, 0.0, logp.gather(1, nxt[:, None])[:, 0])
+            logp = scaled.gather(1, nxt[:, None]) - log_total                     # (B, 1) log-prob of the token drawn
+            logprobs[:, t] = torch.where(done, 0.0, logp[:, 0])
             attn[:, P + t] = 1
             if eos_id is not None:
                 done = done | (nxt == eos_id)
             if bool(done.all()) or t == max_new_tokens - 1:
                 tokens, logprobs = tokens[:, :t + 1], logprobs[:, :t + 1]
                 break
-            logits = self(tokens[:, t:t + 1], attn[:, :P + t + 1], cache)[:, -1].float()
+            logits = self(tokens[:, t:t + 1], attn[:, :P + t + 1], cache)[:, -1]
         # a row's tokens are valid up to and including its first EOS
         is_eos = (tokens == eos_id) if eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
         after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0                 # strictly after the first EOS
         return Generation(prompt_ids, attn[:, :P], tokens, logprobs, (~after_eos).float())
 
 
-def sample_categorical(probs, generator=None):
-    """One index per row of probs (B, V), drawn by inverse CDF: the first j with cdf_j > u * cdf_V, u ~ U[0, 1).
-    The distribution of torch.multinomial(probs, 1) from B uniforms instead of multinomial's B x V exponentials
-    (that draw was a fifth of a GPT-2 rollout's time on a CPU). A zero-probability j is never the first index past
-    u * cdf_V, since its cdf equals its predecessor's; the cdf is summed in float64 so rounding cannot shift mass.
+def sample_categorical(probs, generator=None, block=256):
+    """One index per row of probs (B, V) (unnormalised is fine), drawn by inverse CDF: the first j with
+    cdf_j > u * cdf_V, u ~ U[0, 1). The distribution of torch.multinomial(probs, 1) from B uniforms instead of
+    multinomial's B x V exponentials (that draw was a fifth of a GPT-2 rollout's time on a CPU). In two levels, so
+    that no (B, V) cumulative sum is built: the cdf over the totals of blocks of `block` columns finds the block that
+    u * cdf_V falls in, then the cdf inside that one block finds the column (the same index as one cdf over all V,
+    up to rounding). A zero-probability j is never the first index past the target, since its cdf equals its
+    predecessor's (in either level). The cdfs are float64 so that rounding cannot shift mass between columns; each
+    block's total is summed in the probabilities' dtype (a float64 sum over a strided view was a copy as slow as
+    the rest of the decode step), an error of ~1e-7 of the block's mass, the size of the fp32 probabilities' own.
     (Its random stream differs from multinomial's: same seed, different samples.)"""
-    cdf = probs.double().cumsum(-1)                                               # (B, V)
+    B, V = probs.shape
+    full = V - V % block                                                          # columns in whole blocks
+    totals = [probs[:, :full].unflatten(1, (-1, block)).sum(-1)] if full else []  # (B, V // block)
+    if full < V:
+        totals.append(probs[:, full:].sum(-1, keepdim=True))                      # the last, shorter block
+    cdf = torch.cat(totals, 1).double().cumsum(-1)                                # (B, n_blocks)
     total = cdf[:, -1:]                                                           # (B, 1)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    u = torch.rand(B, 1, dtype=torch.float64, device=probs.device, generator=generator)
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total even after rounding
-    return torch.searchsorted(cdf, x, right=True)[:, 0]                           # (B,) first j with cdf_j > x
+    j = torch.searchsorted(cdf, x, right=True)                                    # (B, 1) first block with cdf > x
+    before = torch.where(j > 0, cdf.gather(1, (j - 1).clamp(min=0)), 0.0)         # (B, 1) mass of blocks before j
+    columns = j * block + torch.arange(block, device=probs.device)                # (B, block) block j's columns
+    inside = torch.where(columns < V, probs.gather(1, columns.clamp(max=V - 1)), 0.0).double().cumsum(-1)
+    rest = torch.minimum(x - before, torch.nextafter(inside[:, -1:], torch.zeros_like(before)))  # in [0, block mass)
+    return (j * block + torch.searchsorted(inside, rest, right=True))[:, 0]      # (B,) first column with cdf > x
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):

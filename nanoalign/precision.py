@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanoalign.model import decode_attention
+
 
 def cast_for_inference_(model, dtype):
     """Store every nn.Linear weight and bias of `model` in `dtype`, in place (a tied head gets its own copy, the
@@ -88,7 +90,7 @@ def fp32_attention_is_faster(n_head, head_dim, repeats=3, margin=1.2):
     """True when attention at the model's head shape runs `margin` times faster in fp32 (bf16 inputs upcast, output
     rounded back, as model.set_attention_fp32 does) than in bf16 on this CPU, summed over the two places it runs: a
     training forward + backward (8 rows of 128 causal tokens) and a decode step of generate() (64 rows, one query
-    against 64 keys that the KV cache holds in the dtype attention reads)."""
+    against 64 keys that the KV cache holds in the dtype attention reads; in fp32 the path model.decode_attention)."""
     timings = {}
     for upcast in (False, True):
         wide = torch.float32 if upcast else torch.bfloat16
@@ -101,8 +103,9 @@ def fp32_attention_is_faster(n_head, head_dim, repeats=3, margin=1.2):
             y = F.scaled_dot_product_attention(q.to(wide), k.to(wide), v.to(wide), is_causal=True)
             y.to(torch.bfloat16).sum().backward()
 
-        def decode():
-            F.scaled_dot_product_attention(step_q.to(wide), cached_k, cached_v, attn_mask=mask).to(torch.bfloat16)
+        def decode():  # the two paths Attention takes for one query: the kernel in bf16, decode_attention in fp32
+            attend = decode_attention if upcast else F.scaled_dot_product_attention
+            attend(step_q.to(wide), cached_k, cached_v, mask).to(torch.bfloat16)
 
         train(), decode()  # warm-up: the first calls pick kernels
         timings[upcast] = _best_seconds(train, repeats) + _best_seconds(decode, repeats)

@@ -179,8 +179,8 @@ def test_bf16_run_ratio_and_kl_at_step_0(name, tolerance, attention_fp32, tmp_pa
     assert (ratio - 1).abs().max().item() <= tolerance
     if name == "grpo":
         assert float(algo.rollout_metrics["objective/kl"]) == 0.0
-    if name == "ppo":  # the tolerance is not slack: generate's log-probs do differ under bf16
-        assert (ratio - 1).abs().max().item() > 0
+    if name == "ppo" and not attention_fp32:  # the tolerance is not slack: generate's log-probs do differ under bf16
+        assert (ratio - 1).abs().max().item() > 0  # (with fp32 attention they may match: rounded to bf16 alike)
 
 
 def test_bf16_is_faster_compares_the_two_timings():

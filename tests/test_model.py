@@ -54,16 +54,18 @@ def test_kv_cache_greedy_equals_recompute_ragged(name):
         assert got == expected
 
 
+@pytest.mark.parametrize("temperature, top_k", [(0.7, 20), (1.0, 0)])  # filtered, and the unfiltered fast path
 @pytest.mark.parametrize("name", CONFIGS)
-def test_generate_logprobs_match_fresh_forward(name):
+def test_generate_logprobs_match_fresh_forward(name, temperature, top_k):
     model = make(name)
     prompts = [[1, 2, 3, 4], [9, 8]]
     g = torch.Generator().manual_seed(0)
-    out = model.generate(prompts, max_new_tokens=10, temperature=0.7, top_k=20, eos_id=5, pad_id=0, generator=g)
+    out = model.generate(prompts, max_new_tokens=10, temperature=temperature, top_k=top_k, eos_id=5, pad_id=0,
+                         generator=g)
     for i, p in enumerate(prompts):
         n = int(out.mask[i].sum())
         seq = torch.tensor([p + out.tokens[i, :n].tolist()])
-        logits = model(seq)[0, len(p) - 1:-1] / 0.7                       # positions predicting generated tokens
+        logits = model(seq)[0, len(p) - 1:-1] / temperature               # positions predicting generated tokens
         fresh = F.log_softmax(logits, -1).gather(1, seq[0, len(p):, None])[:, 0]
         torch.testing.assert_close(out.logprobs[i, :n], fresh, atol=1e-5, rtol=1e-5)
         assert torch.all(out.logprobs[i, n:] == 0) and torch.all(out.tokens[i, n:] == 0)

@@ -1,7 +1,8 @@
 """Every speed optimisation against its plain version: the chunked completion log-probs (values, gradients, no
 (B, T, V) tensor, through DDP and torch.compile wrappers), length-bucketed micro-batches (same examples per
 step, same chunks under any (world, accum) split, exact resume, less padding, same DPO step), fused AdamW on CPU
-(same steps as the for-loop AdamW), generate()'s inverse-CDF sampling (same distribution as torch.multinomial) and
+(same steps as the for-loop AdamW), generate()'s inverse-CDF sampling (same distribution as torch.multinomial; its
+two-level cdf draws what one cdf over all columns draws), its one-query attention (the SDPA kernel's output) and
 its prefill (head on the last position only; KV cache in the autocast dtype); and a benchmark smoke run
 (python bench/bench.py).
 """
@@ -417,7 +418,8 @@ def test_fused_adamw_on_cpu_equals_the_for_loop_adamw():
 
 
 # ---------------------------------------------------------------------------------------- generation
-def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_probabilities(monkeypatch):
+@pytest.mark.parametrize("block", [2, 4, 256])  # two levels with whole blocks, with a shorter last block, one block
+def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_probabilities(monkeypatch, block):
     """sample_categorical vs torch.multinomial: index by hand at chosen u, zero-probability entries never drawn
     (unnormalised and top-k-filtered rows, u at the top edge), and frequencies of 200k draws within 5 standard
     errors of the probabilities."""
@@ -427,18 +429,50 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_probabilit
     real_rand = torch.rand
     for u, expected in [(0.0, 1), (0.1999, 1), (0.2001, 3), (0.69, 3), (0.71, 4), (1 - 1e-16, 4)]:
         monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full((1, 1), u, dtype=torch.float64))
-        assert sample_categorical(probs).item() == expected, (u, cdf)  # the uniform drawn is u
+        assert sample_categorical(probs, block=block).item() == expected, (u, cdf)  # the uniform drawn is u
     monkeypatch.setattr(torch, "rand", real_rand)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g)
     kept = filter_logits(logits, top_k=5).softmax(-1)                            # 45 zeros per row
-    draws = torch.stack([sample_categorical(kept, g) for _ in range(2000)])      # (2000, 4)
+    draws = torch.stack([sample_categorical(kept, g, block) for _ in range(2000)])  # (2000, 4)
     assert bool((kept.gather(1, draws.T) > 0).all())
     p = torch.tensor([[0.05, 0.15, 0.3, 0.5]]).expand(200_000, 4)
-    ours = torch.bincount(sample_categorical(p * 3.0, g), minlength=4) / 200_000  # unnormalised rows work too
+    ours = torch.bincount(sample_categorical(p * 3.0, g, block), minlength=4) / 200_000  # unnormalised rows too
     plain = torch.bincount(torch.multinomial(p, 1, generator=g)[:, 0], minlength=4) / 200_000
     se = (p[0] * (1 - p[0]) / 200_000).sqrt()
     assert bool(((ours - p[0]).abs() < 5 * se).all()) and bool(((plain - p[0]).abs() < 5 * se).all())
+
+
+@pytest.mark.parametrize("block", [7, 64, 256])
+def test_two_level_sampling_draws_what_one_cdf_over_all_columns_draws(block):
+    """sample_categorical's block cdf + in-block cdf against the plain version, one float64 cdf over all V columns,
+    at the same uniforms: the same index for every row (V = 1000: a shorter last block for each block size)."""
+    from nanoalign.model import sample_categorical
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(64, 1000, generator=g) ** 4                               # unnormalised, skewed
+    probs[probs < 0.01] = 0.0                                                     # and zeros inside the blocks
+    probs[:, 300:520] = 0.0                                                       # and whole blocks of zeros
+    for seed in range(5):
+        u = torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        cdf = probs.double().cumsum(-1)                                           # the plain version
+        plain = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+        ours = sample_categorical(probs, torch.Generator().manual_seed(seed), block)  # draws the same u
+        assert torch.equal(ours, plain)
+        assert bool((probs.gather(1, ours[:, None]) > 0).all())
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_decode_attention_equals_the_kernel(masked):
+    """generate()'s one-query attention (two matmuls) against F.scaled_dot_product_attention, grouped-query heads
+    (8 query heads on 2 kv heads) and a padding mask: fp32, to rounding."""
+    from nanoalign.model import decode_attention
+    g = torch.Generator().manual_seed(0)
+    q, (k, v) = torch.randn(5, 8, 1, 16, generator=g), torch.randn(2, 5, 2, 13, 16, generator=g)
+    mask = torch.rand(5, 1, 1, 13, generator=g) > 0.3 if masked else None
+    if masked:
+        mask[..., -1] = True                                                      # a query always sees itself
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
