@@ -14,8 +14,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 _attention_fp32 = False  # set_attention_fp32
@@ -281,8 +283,14 @@ class GPT(nn.Module):
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, pad_id=0,
                  generator=None):
         """Sample continuations of ragged `prompts` (list of token lists) with a KV cache.
-        temperature=0 is greedy (log-probs then come from the unscaled distribution). Rows stop at EOS."""
+        temperature=0 is greedy (log-probs then come from the unscaled distribution). Rows stop at EOS.
+        Under FSDP every rank's forward all-gathers the shards with the other ranks, so the ranks agree on the number
+        of decode steps: the fewest max_new_tokens any rank asked for, and no early stop until every rank's rows
+        are done (a rank whose rows are done keeps stepping them as padding)."""
         device, B = self.lm_head.weight.device, len(prompts)
+        sharded = isinstance(self, FSDPModule) and dist.is_initialized()
+        if sharded:
+            max_new_tokens = int(_all_ranks(max_new_tokens, dist.ReduceOp.MIN, device))
         P = max(len(p) for p in prompts)
         if P + max_new_tokens > self.cfg.block_size:
             raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds block_size={self.cfg.block_size}")
@@ -325,7 +333,10 @@ class GPT(nn.Module):
             attn[:, P + t] = 1
             if eos_id is not None:
                 done = done | (nxt == eos_id)
-            if bool(done.all()) or t == max_new_tokens - 1:
+            finished = bool(done.all())
+            if sharded:
+                finished = bool(_all_ranks(finished, dist.ReduceOp.MIN, device))  # every rank's rows are done
+            if finished or t == max_new_tokens - 1:
                 tokens, logprobs = tokens[:, :t + 1], logprobs[:, :t + 1]
                 break
             logits = self(tokens[:, t:t + 1], attn[:, :P + t + 1], cache)[:, -1]
@@ -333,6 +344,13 @@ class GPT(nn.Module):
         is_eos = (tokens == eos_id) if eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
         after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0                 # strictly after the first EOS
         return Generation(prompt_ids, attn[:, :P], tokens, logprobs, (~after_eos).float())
+
+
+def _all_ranks(value, op, device):
+    """`value` (a number or bool) reduced over the ranks by `op` (dist.ReduceOp.MIN: the smallest; for bools: all)."""
+    reduced = torch.tensor([int(value)], dtype=torch.long, device=device)
+    dist.all_reduce(reduced, op=op)
+    return reduced.item()
 
 
 def sample_categorical(probs, generator=None, block=256):

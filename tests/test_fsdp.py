@@ -85,6 +85,31 @@ RUNS = {  # name: the keys of one tiny run of each kind of module FSDP shards
 
 
 @pytest.mark.integration
+def test_generate_under_fsdp_runs_the_same_steps_on_every_rank(tmp_path):
+    """Every decode step all-gathers the shards, so ranks that stop at different steps would desynchronise the
+    collectives (rank 0 then read rank 1's next gather as its own forward's). Rank 0's rows stop at EOS at once and
+    it asks for 6 tokens, rank 1 asks for 10 and never stops: both run 6 steps, and each rank's tokens (up to EOS)
+    and a forward after generate equal the unsharded model's."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "tests" / "torchrun_generate.py"), str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    from nanoalign.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(got["tokens"][0]) == 6                                     # the fewest max_new_tokens asked
+        plain = model.generate(got["prompts"], 6, temperature=0.0, eos_id=got["eos_id"])
+        for i in range(len(got["prompts"])):
+            n = int(sum(got["mask"][i]))
+            assert n == int(plain.mask[i].sum()) and got["tokens"][i][:n] == plain.tokens[i, :n].tolist()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.tensor(got["after"]), model(torch.tensor([[1, 2, 3]]))[0, -1])
+    assert sum(json.loads((tmp_path / "rank0.json").read_text())["mask"][0]) == 1  # rank 0's first row: EOS at once
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("name", RUNS)
 def test_fsdp_matches_ddp_losses_and_writes_the_same_checkpoint(files, tmp_path, name):
     kw = dict(RUNS[name])
