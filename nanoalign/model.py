@@ -112,6 +112,10 @@ class KVCache:
         self.v[layer, :, :, self.length:self.length + T] = v
         return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
 
+    def keep_rows(self, keep):
+        """Keep only the batch rows where keep (B,) is True: generate() drops the rows that have finished."""
+        self.k, self.v = self.k[:, keep], self.v[:, keep]
+
 
 def decode_attention(q, k, v, mask):
     """softmax(q k^T / sqrt(hd) + mask) v for ONE query per row against the cached keys, as two batched matmuls:
@@ -283,7 +287,10 @@ class GPT(nn.Module):
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None, pad_id=0,
                  generator=None):
         """Sample continuations of ragged `prompts` (list of token lists) with a KV cache.
-        temperature=0 is greedy (log-probs then come from the unscaled distribution). Rows stop at EOS.
+        temperature=0 is greedy (log-probs then come from the unscaled distribution). Rows stop at EOS, and once a
+        quarter of the rows still computed have stopped they leave the batch (and the KV cache): a rollout's decode
+        steps then cost what its unfinished rows cost. (So the random stream, and the samples of a seed, depend on
+        when rows finish; the distribution does not.)
         Under FSDP every rank's forward all-gathers the shards with the other ranks, so the ranks agree on the number
         of decode steps: the fewest max_new_tokens any rank asked for, and no early stop until every rank's rows
         are done (a rank whose rows are done keeps stepping them as padding)."""
@@ -314,32 +321,41 @@ class GPT(nn.Module):
         weights = torch.empty_like(scaled)
         last = self(prompt_ids, attn[:, :P], cache, return_hidden=True)[:, -1]   # (B, C): the head runs on the
         logits = self.lm_head(last)                                               # last prompt position only (B, V)
+        rows = torch.arange(B, device=device)  # the rows still stepped, in the order of the cache and the logits
         for t in range(max_new_tokens):
-            scaled.copy_(logits)                                                  # in fp32
+            n = len(rows)
+            step, step_weights = scaled[:n], weights[:n]                          # (n, V) views of the buffers
+            step.copy_(logits)                                                    # in fp32
             if temperature not in (0, 1):
-                scaled.div_(temperature)
-            top = scaled.amax(-1, keepdim=True)                                   # (B, 1)
-            torch.sub(scaled, top, out=weights).exp_()                            # (B, V) unnormalised probabilities
-            log_total = weights.sum(-1, keepdim=True).log_() + top                # (B, 1) log-sum-exp of scaled
+                step.div_(temperature)
+            top = step.amax(-1, keepdim=True)                                     # (n, 1)
+            torch.sub(step, top, out=step_weights).exp_()                         # (n, V) unnormalised probabilities
+            log_total = step_weights.sum(-1, keepdim=True).log_() + top           # (n, 1) log-sum-exp of the logits
             if temperature > 0:
                 filtered = top_k or top_p < 1.0
-                nxt = sample_categorical(filter_logits(scaled, top_k, top_p).softmax(-1) if filtered else weights,
+                nxt = sample_categorical(filter_logits(step, top_k, top_p).softmax(-1) if filtered else step_weights,
                                          generator)
             else:
-                nxt = scaled.argmax(-1)
-            tokens[:, t] = torch.where(done, pad_id, nxt)
-            logp = scaled.gather(1, nxt[:, None]) - log_total                     # (B, 1) log-prob of the token drawn
-            logprobs[:, t] = torch.where(done, 0.0, logp[:, 0])
+                nxt = step.argmax(-1)
+            stepped_done = done[rows]                                             # (n,)
+            tokens[rows, t] = torch.where(stepped_done, pad_id, nxt)
+            logp = step.gather(1, nxt[:, None]) - log_total                       # (n, 1) log-prob of the token drawn
+            logprobs[rows, t] = torch.where(stepped_done, 0.0, logp[:, 0])
             attn[:, P + t] = 1
             if eos_id is not None:
-                done = done | (nxt == eos_id)
+                stepped_done = stepped_done | (nxt == eos_id)
+                done[rows] = stepped_done
             finished = bool(done.all())
             if sharded:
                 finished = bool(_all_ranks(finished, dist.ReduceOp.MIN, device))  # every rank's rows are done
             if finished or t == max_new_tokens - 1:
                 tokens, logprobs = tokens[:, :t + 1], logprobs[:, :t + 1]
                 break
-            logits = self(tokens[:, t:t + 1], attn[:, :P + t + 1], cache)[:, -1]
+            n_done = int(stepped_done.sum())
+            if 0 < n_done < n and 4 * n_done >= n:  # a quarter of the stepped rows finished: stop computing them
+                rows = rows[~stepped_done]
+                cache.keep_rows(~stepped_done)
+            logits = self(tokens[rows, t:t + 1], attn[rows, :P + t + 1], cache)[:, -1]
         # a row's tokens are valid up to and including its first EOS
         is_eos = (tokens == eos_id) if eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
         after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0                 # strictly after the first EOS

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from nanoalign.logps import batch_logps
-from nanoalign.model import GPT, GPTConfig, RewardModel, filter_logits, llama_config, set_activation_checkpointing
+from nanoalign.model import (GPT, GPTConfig, KVCache, RewardModel, filter_logits, llama_config,
+                             set_activation_checkpointing)
 
 CONFIGS = {
     "gpt2": GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32),
@@ -52,6 +53,31 @@ def test_kv_cache_greedy_equals_recompute_ragged(name):
         expected = greedy_by_recompute(model, p, 15, eos_id)
         got = out.tokens[i][out.mask[i].bool()].tolist()
         assert got == expected
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_finished_rows_leave_the_batch_and_the_others_are_unchanged(name, temperature, monkeypatch):
+    """EOS is row 0's first token, so row 0 stops at step 0 and leaves the batch (a quarter of 4 rows): the other
+    rows' tokens still equal a per-row recompute (greedy) and their log-probs a fresh forward (sampling)."""
+    model = make(name)
+    prompts = [[5, 6, 7, 8], [3], [40, 41, 42], [11, 12, 13, 14, 15]]
+    draw = lambda eos_id: model.generate(prompts, 12, temperature=temperature, eos_id=eos_id,  # noqa: E731
+                                         generator=torch.Generator().manual_seed(0))
+    eos_id = int(draw(None).tokens[0, 0])                                 # step 0 draws the same with any eos_id
+    kept = []
+    keep_rows = KVCache.keep_rows
+    monkeypatch.setattr(KVCache, "keep_rows", lambda self, keep: kept.append(int(keep.sum())) or keep_rows(self, keep))
+    out = draw(eos_id)
+    assert kept and kept[0] < 4 and int(out.mask[0].sum()) == 1           # rows did leave the batch
+    for i, p in enumerate(prompts):
+        n = int(out.mask[i].sum())
+        if temperature == 0.0:
+            assert out.tokens[i, :n].tolist() == greedy_by_recompute(model, p, 12, eos_id)
+        seq = torch.tensor([p + out.tokens[i, :n].tolist()])
+        fresh = F.log_softmax(model(seq)[0, len(p) - 1:-1], -1).gather(1, seq[0, len(p):, None])[:, 0]
+        torch.testing.assert_close(out.logprobs[i, :n], fresh, atol=1e-5, rtol=1e-5)
+        assert torch.all(out.tokens[i, n:] == 0) and torch.all(out.logprobs[i, n:] == 0)
 
 
 @pytest.mark.parametrize("temperature, top_k", [(0.7, 20), (1.0, 0)])  # filtered, and the unfiltered fast path
