@@ -26,4 +26,5 @@ if __name__ == "__main__":
     result = dict(prompts=prompts, eos_id=eos_id, tokens=gen.tokens.tolist(), mask=gen.mask.tolist(), after=after)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
+    dist.barrier()  # neither rank tears its connections down while the other still uses them
     dist.destroy_process_group()
