@@ -351,7 +351,7 @@ class GPT(nn.Module):
             if finished or t == max_new_tokens - 1:
                 tokens, logprobs = tokens[:, :t + 1], logprobs[:, :t + 1]
                 break
-            n_done = int(stepped_done.sum())
+            n_done = int(stepped_done.sum()) if eos_id is not None else 0
             if 0 < n_done < n and 4 * n_done >= n:  # a quarter of the stepped rows finished: stop computing them
                 rows = rows[~stepped_done]
                 cache.keep_rows(~stepped_done)

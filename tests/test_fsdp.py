@@ -14,6 +14,7 @@ from nanoalign.algos import algo_config
 from nanoalign.checkpoint import load_checkpoint
 from nanoalign.config import ConfigError, load_config
 from nanoalign.loading import load_model
+from nanoalign.model import GPT, GPTConfig
 from nanoalign.trainer import train
 from nanoalign.algos.sft import SFT
 
@@ -94,7 +95,6 @@ def test_generate_under_fsdp_runs_the_same_steps_on_every_rank(tmp_path):
                           str(ROOT / "tests" / "torchrun_generate.py"), str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
-    from nanoalign.model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
     for rank in (0, 1):

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nanoalign.logps
 from nanoalign.data import micro_batches, padding_fraction
 from nanoalign.logps import batch_logps, batch_logps_plain
-from nanoalign.model import GPT, GPTConfig, KVCache, llama_config
+from nanoalign.model import GPT, GPTConfig, KVCache, decode_attention, llama_config, sample_categorical
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 97
@@ -447,7 +447,6 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_probabilit
 def test_two_level_sampling_draws_what_one_cdf_over_all_columns_draws(block):
     """sample_categorical's block cdf + in-block cdf against the plain version, one float64 cdf over all V columns,
     at the same uniforms: the same index for every row (V = 1000: a shorter last block for each block size)."""
-    from nanoalign.model import sample_categorical
     g = torch.Generator().manual_seed(1)
     probs = torch.rand(64, 1000, generator=g) ** 4                               # unnormalised, skewed
     probs[probs < 0.01] = 0.0                                                     # and zeros inside the blocks
@@ -465,7 +464,6 @@ def test_two_level_sampling_draws_what_one_cdf_over_all_columns_draws(block):
 def test_decode_attention_equals_the_kernel(masked):
     """generate()'s one-query attention (two matmuls) against F.scaled_dot_product_attention, grouped-query heads
     (8 query heads on 2 kv heads) and a padding mask: fp32, to rounding."""
-    from nanoalign.model import decode_attention
     g = torch.Generator().manual_seed(0)
     q, (k, v) = torch.randn(5, 8, 1, 16, generator=g), torch.randn(2, 5, 2, 13, 16, generator=g)
     mask = torch.rand(5, 1, 1, 13, generator=g) > 0.3 if masked else None
