@@ -55,18 +55,26 @@ BF16_PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 
 
 
 # ------------------------------------------------------------------------------------------ one config (child)
-def matmul_peak(device, dtype, clock, n=None, repeats=10):
-    """Best GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in `dtype`: the MFU denominator."""
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(repeats):
+def matmul_peak(device, dtype, clock, n=None, repeats=10, budget_s=5.0):
+    """Best GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in `dtype`: the MFU denominator. n is halved (down to 256)
+    until `repeats` matmuls fit in about `budget_s` at the rate a 256^3 warm-up ran: on a CPU without native bf16,
+    PyTorch emulates bf16 matmuls ~70x slower than fp32, and ten at 2048^3 took minutes."""
+    def seconds(a, b):
         sync(device)
         t0 = clock()
         a @ b
         sync(device)
-        best = min(best, clock() - t0)
-    return 2 * n ** 3 / best / 1e9
+        return max(clock() - t0, 1e-6)
+
+    small = torch.randn(256, 256, device=device).to(dtype)
+    seconds(small, small)  # the first call picks the kernel
+    rate = 2 * 256 ** 3 / seconds(small, small)  # FLOP/s
+    n = n or (8192 if device.type == "cuda" else 2048)
+    while n > 256 and repeats * 2 * n ** 3 / rate > budget_s:
+        n //= 2
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    seconds(a, b)
+    return 2 * n ** 3 / min(seconds(a, b) for _ in range(repeats)) / 1e9
 
 
 def time_generate(spec, device, model, autocast, clock):

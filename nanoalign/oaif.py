@@ -36,7 +36,7 @@ from nanoalign.judge import LLMJudge
 from nanoalign.loading import load_model
 from nanoalign.reference import Reference
 from nanoalign.rollout import generate_rollout
-from nanoalign.trainer import train
+from nanoalign.trainer import resolve_dtype, train
 
 JUDGE_INSTRUCTION = ("You are comparing two answers to a user's instruction. Prefer the answer that is more helpful "
                      "and correct; if both are equally helpful, prefer the shorter one.")
@@ -55,7 +55,7 @@ def shared_args(a, out):
     return [f"--init_from={a.model}", f"--out_dir={out}", f"--max_steps={a.steps}", f"--batch_size={a.pairs_per_step}",
             f"--micro_batch_size={a.pairs_per_step}", f"--lr={a.lr}", f"--warmup_steps={a.warmup_steps}",
             f"--lora_rank={a.lora_rank}", f"--lora_alpha={2 * a.lora_rank}", f"--lora_targets={a.lora_targets}",
-            f"--beta={a.beta}", f"--max_len={a.max_len}", f"--seed={a.seed}", "--log_interval=1"]
+            f"--beta={a.beta}", f"--max_len={a.max_len}", f"--seed={a.seed}", f"--dtype={a.dtype}", "--log_interval=1"]
 
 
 def make_judge(a, device="cpu"):
@@ -64,12 +64,13 @@ def make_judge(a, device="cpu"):
                     chat_template=chat_template_for(tokenizer.spec), calibrate=a.calibrate)
 
 
-def answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, seed=0, reference=None):
-    """A Rollout of one answer per prompt (consecutive samples when prompts repeat); greedy at temperature 0."""
+def answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, dtype, seed=0, reference=None):
+    """A Rollout of one answer per prompt (consecutive samples when prompts repeat); greedy at temperature 0. Under
+    bf16 autocast when `dtype` (resolved once, as the training runs resolve theirs) is "bfloat16"."""
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else None
     return generate_rollout(model, tokenizer, prompt_ids, 1, max_new_tokens, no_scores, temperature=temperature,
                             reference=reference, generator=torch.Generator().manual_seed(seed), batch_size=64,
-                            recompute_logprobs=reference is not None,
-                            autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+                            recompute_logprobs=reference is not None, autocast=autocast)
 
 
 def judged(judge, prompts, first, second):
@@ -87,7 +88,7 @@ def offline_pairs(a, judge, n_labels, path):
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(a.seed)).tolist()
     pick = [order[i % len(rows)] for i in range(n_labels)]
     ids = [prompts[i]["prompt_ids"] for i in pick for _ in range(2)]  # two samples of each prompt, adjacent
-    both = answers(base, tokenizer, ids, a.max_new_tokens, a.temperature, seed=a.seed)
+    both = answers(base, tokenizer, ids, a.max_new_tokens, a.temperature, a.dtype, seed=a.seed)
     first, second = both.responses[0::2], both.responses[1::2]
     p, agree = judged(judge, both.prompts[0::2], first, second)
     kept = 0
@@ -106,14 +107,15 @@ def evaluate(a, judge, specs):
     """{name: metrics} for each policy spec vs the starting model on the held-out prompts, and sample answers."""
     base, tokenizer = load_model(a.model)
     prompts = [e["prompt_ids"] for e in load_examples(a.heldout, "prompt", tokenizer, a.max_len, log=lambda _: None)]
-    start = answers(base, tokenizer, prompts, a.eval_tokens, 0)
+    start = answers(base, tokenizer, prompts, a.eval_tokens, 0, a.dtype)
     results, samples = {}, {"prompt": start.prompts, "start": start.responses}
     for name, spec in specs.items():
         policy = load_model(spec)[0].eval()
-        greedy = answers(policy, tokenizer, prompts, a.eval_tokens, 0)
+        greedy = answers(policy, tokenizer, prompts, a.eval_tokens, 0, a.dtype)
         p, agree = judged(judge, start.prompts, greedy.responses, start.responses)
         win = torch.where(agree, (p > 0.5).float(), torch.full_like(p, 0.5))  # orders disagree: half a win
-        sampled = answers(policy, tokenizer, prompts, a.eval_tokens, 1.0, seed=a.seed, reference=Reference(base, copy=False))
+        sampled = answers(policy, tokenizer, prompts, a.eval_tokens, 1.0, a.dtype, seed=a.seed,
+                          reference=Reference(base, copy=False))
         kl = ((sampled.logprobs - sampled.ref_logprobs) * sampled.response_mask).sum(1)  # (N,) k1 per answer
         results[name] = {"win_rate_vs_start": float(win.mean()), "judge_disagreement": judge.last_disagreement,
                          "judge_calibrated_disagreement": judge.last_calibrated_disagreement,
@@ -146,6 +148,8 @@ def main(argv=None):
     p.add_argument("--max_len", type=int, default=256)
     p.add_argument("--eval_tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="as train.py's: auto is bf16 only where measured faster (never on a CPU without native bf16)")
     p.add_argument("--calibrate", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                    help="judge agreement against the batch's mean slot bias (nanoalign/judge.py); false: raw")
     p.add_argument("--skip", default="", help="comma-separated stages already done: online,offline")
@@ -162,6 +166,7 @@ def main(argv=None):
              "--reward_model=", f"--max_new_tokens={a.max_new_tokens}", f"--temperature={a.temperature}"])
     online = metrics_of(out / "online")
     judge = make_judge(a)
+    a.dtype = resolve_dtype(a.dtype, torch.device("cpu"), judge.model.cfg)  # once, for the sampling and offline run
     n_labels = a.steps * a.pairs_per_step
     if "offline" not in skip:
         kept, disagreement = offline_pairs(a, judge, n_labels, out / "offline_pairs.jsonl")

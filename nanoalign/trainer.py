@@ -169,12 +169,18 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(cfg, device, model_cfg, world_size=1):
-    """"auto" is bf16 on CUDA GPUs that support it, and on CPUs with native bf16 (avx512_bf16 / AMX) only where a
-    matmul of the model's MLP shape is measured faster in bf16 (precision.bf16_is_faster); rank 0's measurement
-    decides for every rank."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
+def resolve_dtype(dtype, device, model_cfg, world_size=1):
+    """The run's dtype from its `dtype` key. "auto" is bf16 on CUDA GPUs that support it, and on CPUs with native bf16
+    (avx512_bf16 / AMX) only where a matmul of the model's MLP shape is measured faster in bf16
+    (precision.bf16_is_faster); rank 0's measurement decides for every rank. An explicit "bfloat16" on a CPU without
+    native bf16 is kept, with a warning: there PyTorch emulates bf16 matmuls (docs/performance.md measured one ~70x
+    slower than fp32 on an AVX2-only CPU)."""
+    rank0 = world_size == 1 or dist.get_rank() == 0
+    if dtype == "bfloat16" and device.type == "cpu" and not cpu_has_bf16() and rank0:
+        print("warning: dtype=bfloat16 on a CPU without native bf16 (no avx512_bf16 / amx_bf16 in /proc/cpuinfo): "
+              "its bf16 matmuls are emulated, many times slower than float32; dtype=auto picks float32 here")
+    if dtype != "auto":
+        return dtype
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     faster = device.type == "cpu" and cpu_has_bf16() and bf16_is_faster(model_cfg.n_embd, model_cfg.mlp_hidden)
@@ -399,7 +405,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
               f"{world_size} rank(s) is {cfg.batch_size // world_size} examples per rank per step")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     policy, tokenizer = build_policy(cfg, device)  # with LoRA adapters already, so pi_ref = adapters off
-    dtype = resolve_dtype(cfg, device, policy.cfg, world_size)
+    dtype = resolve_dtype(cfg.dtype, device, policy.cfg, world_size)
     attention_fp32 = resolve_attention_fp32(dtype == "bfloat16", device, policy.cfg, world_size)
     set_attention_fp32(attention_fp32)  # for every model of the run: policy, reference, scorers alike
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext

@@ -191,18 +191,21 @@ def test_bf16_is_faster_compares_the_two_timings():
     assert not bf16_is_faster(64, rows=64, repeats=1, margin=float("inf"))
 
 
-def test_auto_dtype_is_bf16_only_where_measured_faster(monkeypatch):
+def test_auto_dtype_is_bf16_only_where_measured_faster(monkeypatch, capsys):
     model_cfg = GPTConfig(vocab_size=97, block_size=64, n_layer=1, n_head=2, n_embd=32)
-    cfg = load_config(["--dtype=auto"])
-    assert trainer.resolve_dtype(load_config(["--dtype=float32"]), CPU, model_cfg) == "float32"
+    assert trainer.resolve_dtype("float32", CPU, model_cfg) == "float32"
     monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
-    assert trainer.resolve_dtype(cfg, CPU, model_cfg) == "float32"  # no native bf16: never
+    assert trainer.resolve_dtype("auto", CPU, model_cfg) == "float32"  # no native bf16: never
+    assert capsys.readouterr().out == ""
+    assert trainer.resolve_dtype("bfloat16", CPU, model_cfg) == "bfloat16"  # asked for: kept, with a warning
+    assert "without native bf16" in capsys.readouterr().out
     monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    assert trainer.resolve_dtype("bfloat16", CPU, model_cfg) == "bfloat16" and capsys.readouterr().out == ""
     shapes = []
     monkeypatch.setattr(trainer, "bf16_is_faster", lambda n_embd, hidden: shapes.append((n_embd, hidden)) or True)
-    assert trainer.resolve_dtype(cfg, CPU, model_cfg) == "bfloat16" and shapes == [(32, 128)]  # the model's MLP
+    assert trainer.resolve_dtype("auto", CPU, model_cfg) == "bfloat16" and shapes == [(32, 128)]  # the model's MLP
     monkeypatch.setattr(trainer, "bf16_is_faster", lambda n_embd, hidden: False)
-    assert trainer.resolve_dtype(cfg, CPU, model_cfg) == "float32"
+    assert trainer.resolve_dtype("auto", CPU, model_cfg) == "float32"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
