@@ -17,7 +17,8 @@ algorithm is configured as train.py configures it. MFU is against a matmul measu
 Comma-list keys: algos (sft, rm, dpo, kto, orpo, ppo, generate, any registry name), models (common.MODELS), dtypes
 (fp32, bf16), devices (cpu, cuda), and the switches logps (fused, plain: the fused_logps key), bucket (1, 0:
 bucket_by_length), ref_logps (precompute, live), compile (0, 1), lora (0 = full fine-tuning, r = rank r, alpha 2r),
-ckpt (0, 1: activation_checkpointing).
+ckpt (0, 1: activation_checkpointing), decode (auto: as the trainer decides; packed, plain: generate()'s linear layers
+on prepacked weights or not, model.set_packed_decode).
 Scalars: steps, warmup, repeats (the median run is shown), threads, clock (wall, or cpu: the process's CPU seconds,
 steadier on a shared machine), lora_targets, json (a path for every row).
 "peak MB" is the whole process (CUDA max allocated, or peak RSS); "run MB" is the peak above the memory held once
@@ -43,8 +44,8 @@ import peers
 from common import DTYPES, MODELS, ROLLOUT, SWITCHES, Memory, sync
 from nanoalign.algos import ALGORITHMS, get_algorithm
 from nanoalign.lora import is_lora_param
-from nanoalign.model import set_attention_fp32
-from nanoalign.trainer import resolve_attention_fp32
+from nanoalign.model import set_packed_decode
+from nanoalign.trainer import set_kernels
 
 DEFAULTS = dict(algos="sft,rm,dpo,kto,orpo,ppo,generate", models="toy,gpt2,llama", dtypes="fp32,bf16", devices="",
                 **SWITCHES, steps="", warmup="", repeats="1", json="", threads="", clock="wall", lora_targets="")
@@ -109,7 +110,9 @@ def run_one(spec):
         return dict(gflops=matmul_peak(device, getattr(torch, DTYPES[spec["dtype"]]), clock))
     autocast = common.autocast_for(spec["dtype"], device)
     model = common.build_model(spec["model"], device)
-    set_attention_fp32(resolve_attention_fp32(spec["dtype"] == "bf16", device, model.cfg))  # as the trainer decides
+    set_kernels(DTYPES[spec["dtype"]], device, model.cfg)  # as the trainer decides
+    if spec.get("decode", "auto") != "auto":  # the ablation: generate()'s linears packed or plain, not measured
+        set_packed_decode(spec["decode"] == "packed")
     memory = Memory(device)
     memory.loaded()  # libraries + weights; the run's growth is measured above this
     if spec["algo"] == "generate":
@@ -164,9 +167,9 @@ def available_algos(names):
 def relevant(algo, switch, first):
     """False for switch values that would only repeat a row (`first`: the first value of each switch): a ref_logps
     other than the first for algorithms without that key, any switch but the first values for generation (it
-    trains nothing, computes no log-probs, and is not compiled)."""
-    if algo == "generate":
-        return switch == first
+    trains nothing, computes no log-probs, and is not compiled), except decode."""
+    if algo == "generate":  # only the decode kernel changes it
+        return all(v == first[k] for k, v in switch.items() if k != "decode")
     config = get_algorithm(algo).Config
     has_ref = config is not None and "ref_logps" in {f.name for f in dataclasses.fields(config)}
     return has_ref or switch["ref_logps"] == first["ref_logps"]

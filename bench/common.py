@@ -37,7 +37,8 @@ MODELS = {  # name: (model keyword arguments, CPU workload, CUDA workload)
 }
 ROLLOUT = dict(cpu=dict(batch=64, prompt=16, new=48), cuda=dict(batch=256, prompt=64, new=192))  # PPO rollout shape
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-SWITCHES = dict(logps="fused", bucket="1", ref_logps="precompute", compile="0", lora="0", ckpt="0")  # ablations
+SWITCHES = dict(logps="fused", bucket="1", ref_logps="precompute", compile="0", lora="0", ckpt="0",
+                decode="auto")  # ablations
 
 
 def build_model(name, device):

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
-from common import MODELS, ROLLOUT, SWITCHES, Memory, autocast_for, make_clock, sync, time_algorithm, write_data
+from common import (DTYPES, MODELS, ROLLOUT, SWITCHES, Memory, autocast_for, make_clock, sync, time_algorithm,
+                    write_data)
 from nanoalign.hf.tokenizer import bytes_to_unicode
 from nanoalign.hf.weights import load_hf_model
-from nanoalign.model import set_attention_fp32
-from nanoalign.trainer import resolve_attention_fp32
+from nanoalign.trainer import set_kernels
 
 DPO_SHAPE = dict(prompt=(16, 48), completion=(16, 64), batch=4, micro=4)  # pairs per step: one micro-batch
 DEFAULTS = dict(model="gpt2", dtypes="fp32,bf16", repeats="3", steps="3", threads="", clock="wall",
@@ -104,7 +104,7 @@ def trl_dpo(spec, model_dir, data, device, clock, memory):
 
 def nanoalign_dpo(spec, model_dir, data, device, clock, memory):
     model, _ = load_hf_model(model_dir, device)
-    set_attention_fp32(resolve_attention_fp32(spec["dtype"] == "bf16", device, model.cfg))  # as the trainer decides
+    set_kernels(DTYPES[spec["dtype"]], device, model.cfg)  # as the trainer decides
     memory.loaded()
     run = {**SWITCHES, "algo": "dpo", "dtype": spec["dtype"], "ref_logps": spec["ref"], "warmup": 1,
            "steps": spec["steps"]}
@@ -127,7 +127,7 @@ def generate_times(spec, model_dir, device, clock, memory):
         call = lambda: model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device), **kwargs)  # noqa: E731
     else:
         model = load_hf_model(model_dir, device)[0].eval()
-        set_attention_fp32(resolve_attention_fp32(spec["dtype"] == "bf16", device, model.cfg))  # as in training
+        set_kernels(DTYPES[spec["dtype"]], device, model.cfg)  # as the trainer decides
         call = lambda: model.generate(prompts.tolist(), shape["new"], temperature=1.0, eos_id=None)  # noqa: E731
     memory.loaded()
     times = []
@@ -184,10 +184,13 @@ def main(argv=None):
         print(json.dumps(run_one(json.loads(opts["child"]))))
         return
     import transformers
-    import trl
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-          f"{os.cpu_count()} CPU cores, threads={opts['threads'] or 'default'}, clock={opts['clock']}", flush=True)
     split = lambda key: [v for v in opts[key].split(",") if v]  # noqa: E731
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    if "dpo" in split("tasks"):  # trl only for the DPO comparison: generate's needs transformers alone
+        import trl
+        versions += f", trl {trl.__version__}"
+    print(f"{versions}, {os.cpu_count()} CPU cores, threads={opts['threads'] or 'default'}, clock={opts['clock']}",
+          flush=True)
     cases = []  # (task, variant, [libraries in the order they alternate])
     if "dpo" in split("tasks"):
         cases += [("dpo", "precompute", ["nanoalign", "trl"]), ("dpo", "live", ["nanoalign", "trl"])]

@@ -21,6 +21,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 _attention_fp32 = False  # set_attention_fp32
+_packed_decode = False  # set_packed_decode
 
 
 @dataclass
@@ -293,7 +294,12 @@ class GPT(nn.Module):
         when rows finish; the distribution does not.)
         Under FSDP every rank's forward all-gathers the shards with the other ranks, so the ranks agree on the number
         of decode steps: the fewest max_new_tokens any rank asked for, and no early stop until every rank's rows
-        are done (a rank whose rows are done keeps stepping them as padding)."""
+        are done (a rank whose rows are done keeps stepping them as padding). Where set_packed_decode asks, the linear
+        layers answer from weights prepacked for the call (packed_linears)."""
+        with packed_linears(self, len(prompts)) if _packed_decode else contextlib.nullcontext():
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, generator)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, generator):
         device, B = self.lm_head.weight.device, len(prompts)
         sharded = isinstance(self, FSDPModule) and dist.is_initialized()
         if sharded:
@@ -438,6 +444,37 @@ def set_attention_fp32(enabled):
     model outside autocast computes exactly as without it."""
     global _attention_fp32
     previous, _attention_fp32 = _attention_fp32, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def packed_linears(model, rows):
+    """Inside, every fp32 nn.Linear of `model` on a CPU answers from a copy of its weight prepacked by oneDNN for
+    inputs of about `rows` rows (torch.ops.mkldnn's private prepacked-linear ops, which PyTorch's own inductor CPU
+    backend calls) instead of F.linear's GEMM; for no-grad work outside autocast only (otherwise, and under FSDP, nothing changes).
+    Outputs differ from F.linear's by summation order (~1e-6 relative). The copies live for the block (generate()
+    packs once per call: the weights change between rollouts) and double the weights' memory meanwhile."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32 and
+               m.weight.device.type == "cpu"]
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or isinstance(model, FSDPModule):
+        linears = []
+    for m in linears:  # forward(x) = x W^T + b with W in oneDNN's blocked layout
+        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+        m.forward = lambda x, w=packed, b=m.bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward  # nn.Linear's own forward again
+
+
+def set_packed_decode(enabled):
+    """Let generate() run its linear layers on prepacked weights (packed_linears) in every model of this process;
+    returns the previous setting. For CPUs where that kernel is measured faster at decode shapes
+    (precision.packed_decode_is_faster; docs/performance.md): there PyTorch's default fp32 GEMM at a decode step's
+    few rows ran well below its large-matmul rate."""
+    global _packed_decode
+    previous, _packed_decode = _packed_decode, bool(enabled) and torch.backends.mkldnn.is_available()
     return previous
 
 

@@ -15,6 +15,8 @@ and on a small model the casts around them cost more than they save, so it times
 both dtypes (docs/performance.md has the measurements). `fp32_attention_is_faster` asks the same of attention: on
 some CPUs PyTorch's bf16 scaled_dot_product_attention is slower than its fp32 kernel (its backward and the decode
 step of generate() most), and model.set_attention_fp32 then runs attention alone in fp32 inside the bf16 autocast.
+`packed_decode_is_faster` asks whether generate()'s fp32 linear layers run faster on weights prepacked by oneDNN
+(model.set_packed_decode) than in PyTorch's default GEMM at a decode step's few rows.
 """
 import contextlib
 import time
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanoalign.model import decode_attention
+from nanoalign.model import decode_attention, packed_linears
 
 
 def cast_for_inference_(model, dtype):
@@ -110,3 +112,26 @@ def fp32_attention_is_faster(n_head, head_dim, repeats=3, margin=1.2):
         train(), decode()  # warm-up: the first calls pick kernels
         timings[upcast] = _best_seconds(train, repeats) + _best_seconds(decode, repeats)
     return timings[False] >= margin * timings[True]
+
+
+def packed_decode_is_faster(n_embd, hidden=None, rows=64, repeats=3, margin=1.1):
+    """True when fp32 (rows x n_embd) @ (n_embd x hidden) products, the MLP's shape at a decode step of generate(),
+    run `margin` times faster on weights prepacked by oneDNN (model.packed_linears) than through F.linear on this
+    CPU. Timed over distinct weights of 64 MB together, more than a CPU cache holds, as a decode step streams the
+    model's weights from memory: with one weight warm in cache the two kernels were measured closer than they run in
+    generate() (docs/performance.md)."""
+    hidden = hidden or 4 * n_embd
+    layers = nn.ModuleList(nn.Linear(n_embd, hidden) for _ in range(min(64, max(2, 2 ** 24 // (n_embd * hidden)))))
+    x = torch.randn(rows, n_embd)
+
+    def chain():
+        for layer in layers:
+            layer(x)
+
+    with torch.no_grad():
+        chain()  # warm-up: the first calls pick kernels
+        plain = _best_seconds(chain, repeats)
+        with packed_linears(layers, rows):
+            chain()
+            packed = _best_seconds(chain, repeats)
+    return plain >= margin * packed

@@ -28,8 +28,8 @@ from nanoalign.config import ConfigError, config_to_dict
 from nanoalign.data import collate, load_examples, micro_batches, to_device
 from nanoalign.fsdp import full_state, full_tensor, is_sharded, load_optimizer_state, shard
 from nanoalign.loading import apply_lora, build_policy, load_trainable_state, trainable_state
-from nanoalign.model import set_activation_checkpointing, set_attention_fp32
-from nanoalign.precision import bf16_is_faster, cast_frozen_linears_, fp32_attention_is_faster
+from nanoalign.model import set_activation_checkpointing, set_attention_fp32, set_packed_decode
+from nanoalign.precision import bf16_is_faster, cast_frozen_linears_, fp32_attention_is_faster, packed_decode_is_faster
 from nanoalign.report import Reporters, parse
 from nanoalign.rundir import check_resumable, claim, trim_metrics
 
@@ -184,23 +184,32 @@ def resolve_dtype(dtype, device, model_cfg, world_size=1):
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     faster = device.type == "cpu" and cpu_has_bf16() and bf16_is_faster(model_cfg.n_embd, model_cfg.mlp_hidden)
-    if world_size > 1:
-        decision = torch.tensor([float(faster)])
-        dist.broadcast(decision, 0)
-        faster = bool(decision.item())
-    return "bfloat16" if faster else "float32"
+    return "bfloat16" if rank0_decides(faster, world_size) else "float32"
 
 
-def resolve_attention_fp32(bf16, device, model_cfg, world_size=1):
-    """Whether a run attends in fp32 inside its bf16 autocast (model.set_attention_fp32): only on a CPU, and only
-    where attention at the model's head shape is measured faster so (precision.fp32_attention_is_faster); rank 0's
-    measurement decides for every rank, so that all ranks compute alike."""
-    faster = bf16 and device.type == "cpu" and fp32_attention_is_faster(model_cfg.n_head, model_cfg.head_dim)
-    if world_size > 1:
-        decision = torch.tensor([float(faster)])
-        dist.broadcast(decision, 0)
-        faster = bool(decision.item())
-    return faster
+def rank0_decides(flag, world_size):
+    """Rank 0's `flag` on every rank: a choice measured on each rank's machine would differ between ranks."""
+    if world_size == 1:
+        return flag
+    decision = torch.tensor([float(flag)])
+    dist.broadcast(decision, 0)
+    return bool(decision.item())
+
+
+def set_kernels(dtype, device, model_cfg, world_size=1):
+    """The process-wide kernel choices of a run, for every model in it (policy, reference, scorers alike), each
+    measured on this machine at the model's shapes, rank 0 deciding for all ranks: on a CPU, attention in fp32 inside
+    a bf16 autocast (model.set_attention_fp32, where precision.fp32_attention_is_faster) and, in an fp32 run,
+    generate()'s linear layers on prepacked weights (model.set_packed_decode, where precision.packed_decode_is_faster).
+    Returns the two choices."""
+    cpu = device.type == "cpu"
+    attention_fp32 = rank0_decides(cpu and dtype == "bfloat16" and
+                                   fp32_attention_is_faster(model_cfg.n_head, model_cfg.head_dim), world_size)
+    packed_decode = rank0_decides(cpu and dtype == "float32" and
+                                  packed_decode_is_faster(model_cfg.n_embd, model_cfg.mlp_hidden), world_size)
+    set_attention_fp32(attention_fp32)
+    set_packed_decode(packed_decode)
+    return attention_fp32, packed_decode
 
 
 def make_optimizer(module, cfg, device):
@@ -406,8 +415,7 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     policy, tokenizer = build_policy(cfg, device)  # with LoRA adapters already, so pi_ref = adapters off
     dtype = resolve_dtype(cfg.dtype, device, policy.cfg, world_size)
-    attention_fp32 = resolve_attention_fp32(dtype == "bfloat16", device, policy.cfg, world_size)
-    set_attention_fp32(attention_fp32)  # for every model of the run: policy, reference, scorers alike
+    attention_fp32, packed_decode = set_kernels(dtype, device, policy.cfg, world_size)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
     ctx = Context(device, rank, world_size, micro_batch_size, grad_accum, autocast,
                   torch.bfloat16 if dtype == "bfloat16" else None)
@@ -451,8 +459,8 @@ def run(cfg, algorithm_cls, stop_after, rank, world_size, device, out_dir, stop)
         out_dir.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
         print(f"{algo.name}: {n_train:,} trainable parameters of {sum(p.numel() for p in module.parameters()):,}; "
-              f"{world_size} rank(s), grad_accum={grad_accum}, dtype={dtype}{' (attention fp32)' * attention_fp32}, "
-              f"device={device}")
+              f"{world_size} rank(s), grad_accum={grad_accum}, dtype={dtype}{' (attention fp32)' * attention_fp32}"
+              f"{' (packed decode)' * packed_decode}, device={device}")
     if rank == 0 and start_step:
         trim_metrics(out_dir / "metrics.jsonl", start_step)  # rows logged after the checkpoint come again
     log_file = open(out_dir / "metrics.jsonl", "a" if start_step else "w") if rank == 0 else None

@@ -267,14 +267,30 @@ def test_fp32_attention_is_faster_compares_the_two_timings():
     assert not fp32_attention_is_faster(2, 16, repeats=1, margin=float("inf"))
 
 
-def test_attention_is_fp32_only_in_bf16_cpu_runs_where_measured_faster(monkeypatch):
+def test_kernels_are_chosen_per_dtype_and_device_where_measured_faster(monkeypatch):
+    """set_kernels: fp32 attention only in bf16 CPU runs, packed decode only in fp32 CPU runs, each only where its
+    probe (monkeypatched here, recording the shapes it is asked about) says so; set process-wide."""
     model_cfg = GPTConfig(vocab_size=97, block_size=64, n_layer=1, n_head=2, n_embd=32)
-    shapes = []
-    monkeypatch.setattr(trainer, "fp32_attention_is_faster", lambda n_head, head_dim: shapes.append((n_head, head_dim))
-                        or True)
-    assert not trainer.resolve_attention_fp32(False, CPU, model_cfg)  # an fp32 run: never
-    assert not trainer.resolve_attention_fp32(True, torch.device("cuda"), model_cfg)  # GPU kernels: bf16
-    assert shapes == []
-    assert trainer.resolve_attention_fp32(True, CPU, model_cfg) and shapes == [(2, 16)]  # the model's heads
-    monkeypatch.setattr(trainer, "fp32_attention_is_faster", lambda n_head, head_dim: False)
-    assert not trainer.resolve_attention_fp32(True, CPU, model_cfg)
+    asked = []
+    monkeypatch.setattr(trainer, "fp32_attention_is_faster", lambda n_head, head_dim: asked.append(("attention", n_head,
+                                                                                                     head_dim)) or True)
+    monkeypatch.setattr(trainer, "packed_decode_is_faster", lambda n_embd, hidden: asked.append(("packed", n_embd,
+                                                                                                 hidden)) or True)
+    monkeypatch.setattr(trainer, "set_packed_decode", lambda enabled: asked.append(("set packed", enabled)))
+    previous = set_attention_fp32(False)
+    try:
+        assert trainer.set_kernels("bfloat16", torch.device("cuda"), model_cfg) == (False, False)  # GPU kernels
+        assert trainer.set_kernels("float32", torch.device("cuda"), model_cfg) == (False, False)
+        assert asked == [("set packed", False)] * 2
+        asked.clear()
+        assert trainer.set_kernels("bfloat16", CPU, model_cfg) == (True, False) and model_module._attention_fp32
+        assert asked == [("attention", 2, 16), ("set packed", False)]  # the model's heads
+        asked.clear()
+        assert trainer.set_kernels("float32", CPU, model_cfg) == (False, True) and not model_module._attention_fp32
+        assert asked == [("packed", 32, 128), ("set packed", True)]  # the model's MLP
+        monkeypatch.setattr(trainer, "fp32_attention_is_faster", lambda n_head, head_dim: False)
+        monkeypatch.setattr(trainer, "packed_decode_is_faster", lambda n_embd, hidden: False)
+        assert trainer.set_kernels("bfloat16", CPU, model_cfg) == (False, False)
+        assert trainer.set_kernels("float32", CPU, model_cfg) == (False, False)
+    finally:
+        set_attention_fp32(previous)

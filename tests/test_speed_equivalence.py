@@ -2,9 +2,9 @@
 (B, T, V) tensor, through DDP and torch.compile wrappers), length-bucketed micro-batches (same examples per
 step, same chunks under any (world, accum) split, exact resume, less padding, same DPO step), fused AdamW on CPU
 (same steps as the for-loop AdamW), generate()'s inverse-CDF sampling (same distribution as torch.multinomial; its
-two-level cdf draws what one cdf over all columns draws), its one-query attention (the SDPA kernel's output) and
-its prefill (head on the last position only; KV cache in the autocast dtype); and a benchmark smoke run
-(python bench/bench.py).
+two-level cdf draws what one cdf over all columns draws), its one-query attention (the SDPA kernel's output), its prefill (head on the last position only; KV cache in the
+autocast dtype) and its linear layers on prepacked weights (F.linear's outputs, the plain generate()'s samples); and
+a benchmark smoke run (python bench/bench.py).
 """
 import contextlib
 import json
@@ -23,7 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nanoalign.logps
 from nanoalign.data import micro_batches, padding_fraction
 from nanoalign.logps import batch_logps, batch_logps_plain
-from nanoalign.model import GPT, GPTConfig, KVCache, decode_attention, llama_config, sample_categorical
+from nanoalign.model import (GPT, GPTConfig, KVCache, decode_attention, llama_config, packed_linears, sample_categorical,
+                             set_packed_decode)
+from nanoalign.precision import packed_decode_is_faster
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 97
@@ -506,6 +508,57 @@ def test_generate_head_on_last_prompt_position_and_autocast_kv_cache(name, monke
                 torch.testing.assert_close(out.logprobs[i], fresh.gather(1, out.tokens[i][:, None])[:, 0],
                                            rtol=0.05, atol=0.05)
     assert cache_dtypes == [torch.float32, torch.bfloat16]
+
+
+def test_packed_linears_answer_as_f_linear_inside_and_are_plain_again_after():
+    """model.packed_linears: inside, every fp32 nn.Linear (the tied head too) answers from oneDNN-prepacked weights,
+    what F.linear answers up to summation order, for 2-D and 3-D inputs of any row count (prefill and decode); with
+    gradients enabled or under autocast they keep F.linear; after it, forward is nn.Linear's own."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    inputs = [(torch.randn(5, m.in_features), torch.randn(3, 7, m.in_features)) for m in linears]
+    with torch.no_grad():
+        plain = [(m(x2), m(x3)) for m, (x2, x3) in zip(linears, inputs)]
+        with packed_linears(model, rows=3):
+            assert all("forward" in vars(m) for m in linears)  # the packed forward is in use
+            for m, (x2, x3), (y2, y3) in zip(linears, inputs, plain):
+                torch.testing.assert_close(m(x2), y2, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(m(x3), y3, rtol=1e-5, atol=1e-5)
+        assert not any("forward" in vars(m) for m in linears)
+        assert all(torch.equal(m(x2), y2) for m, (x2, _), (y2, _) in zip(linears, inputs, plain))  # nn.Linear again
+        with torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model, rows=3):
+            assert not any("forward" in vars(m) for m in linears)  # autocast casts: left to F.linear
+    with packed_linears(model, rows=3):  # gradients enabled: nothing packed (no backward through the packed op)
+        assert not any("forward" in vars(m) for m in linears)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_generate_on_packed_linears_equals_plain_generate(name):
+    """set_packed_decode: generate() on prepacked weights gives the plain generate()'s greedy tokens and, sampling
+    at the same seed, its tokens with log-probs within 1e-5, for GPT-2 and Llama shapes, ragged prompts, EOS."""
+    model = make(name).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42], [7, 7]]
+    runs, packed_in_use = {}, []
+    model.lm_head.register_forward_pre_hook(lambda m, args: packed_in_use.append("forward" in vars(m)))
+    for packed in (False, True):
+        previous = set_packed_decode(packed)
+        try:
+            greedy = model.generate(prompts, 12, temperature=0.0, eos_id=None)
+            sampled = model.generate(prompts, 12, temperature=1.0, eos_id=3, generator=torch.Generator().manual_seed(1))
+        finally:
+            set_packed_decode(previous)
+        runs[packed] = greedy, sampled
+        assert set(packed_in_use) == {packed}
+        packed_in_use.clear()
+    for plain, packed in zip(runs[False], runs[True]):
+        assert torch.equal(plain.tokens, packed.tokens) and torch.equal(plain.mask, packed.mask)
+        torch.testing.assert_close(packed.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_decode_is_faster_compares_the_two_timings():
+    assert packed_decode_is_faster(32, 64, rows=4, repeats=1, margin=0.0)  # any positive time is >= 0 x the other
+    assert not packed_decode_is_faster(32, 64, rows=4, repeats=1, margin=float("inf"))
 
 
 # ---------------------------------------------------------------------------------------- the benchmark runs
