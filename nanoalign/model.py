@@ -449,23 +449,30 @@ def set_attention_fp32(enabled):
 
 @contextlib.contextmanager
 def packed_linears(model, rows):
-    """Inside, every fp32 nn.Linear of `model` on a CPU answers from a copy of its weight prepacked by oneDNN for
-    inputs of about `rows` rows (torch.ops.mkldnn's private prepacked-linear ops, which PyTorch's own inductor CPU
-    backend calls) instead of F.linear's GEMM; for no-grad work outside autocast only (otherwise, and under FSDP, nothing changes).
+    """Inside, every fp32 nn.Linear of `model` on a CPU answers inputs of at most `rows` rows (a decode step) from a
+    copy of its weight prepacked by oneDNN (torch.ops.mkldnn's private prepacked-linear ops, which PyTorch's own
+    inductor CPU backend calls) instead of F.linear's GEMM; for no-grad work outside autocast only (otherwise, and under FSDP, nothing changes).
     Outputs differ from F.linear's by summation order (~1e-6 relative). The copies live for the block (generate()
     packs once per call: the weights change between rollouts) and double the weights' memory meanwhile."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32 and
                m.weight.device.type == "cpu"]
     if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or isinstance(model, FSDPModule):
         linears = []
-    for m in linears:  # forward(x) = x W^T + b with W in oneDNN's blocked layout
-        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-        m.forward = lambda x, w=packed, b=m.bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    for m in linears:
+        m.forward = _packed_forward(m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows), rows)
     try:
         yield
     finally:
         for m in linears:
             del m.forward  # nn.Linear's own forward again
+
+
+def _packed_forward(linear, packed, rows):
+    def forward(x):  # x W^T + b with W in oneDNN's blocked layout
+        if x.numel() > rows * linear.in_features:  # more rows than packed for (a prefill): F.linear, faster there
+            return F.linear(x, linear.weight, linear.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
+    return forward
 
 
 def set_packed_decode(enabled):

@@ -114,24 +114,24 @@ def fp32_attention_is_faster(n_head, head_dim, repeats=3, margin=1.2):
     return timings[False] >= margin * timings[True]
 
 
-def packed_decode_is_faster(n_embd, hidden=None, rows=64, repeats=3, margin=1.1):
+def packed_decode_is_faster(n_embd, hidden=None, rows=64, repeats=5, margin=1.1):
     """True when fp32 (rows x n_embd) @ (n_embd x hidden) products, the MLP's shape at a decode step of generate(),
     run `margin` times faster on weights prepacked by oneDNN (model.packed_linears) than through F.linear on this
     CPU. Timed over distinct weights of 64 MB together, more than a CPU cache holds, as a decode step streams the
-    model's weights from memory: with one weight warm in cache the two kernels were measured closer than they run in
-    generate() (docs/performance.md)."""
+    model's weights from memory (with one weight warm in cache the two kernels ran closer than they do in
+    generate()), the two alternating so that a slow moment of a shared machine slows both (docs/performance.md)."""
     hidden = hidden or 4 * n_embd
     layers = nn.ModuleList(nn.Linear(n_embd, hidden) for _ in range(min(64, max(2, 2 ** 24 // (n_embd * hidden)))))
     x = torch.randn(rows, n_embd)
 
-    def chain():
-        for layer in layers:
-            layer(x)
+    def chain(packed):
+        for layer in layers:  # inside packed_linears a layer's own forward is the packed one; F.linear is the plain
+            layer(x) if packed else F.linear(x, layer.weight, layer.bias)
 
-    with torch.no_grad():
-        chain()  # warm-up: the first calls pick kernels
-        plain = _best_seconds(chain, repeats)
-        with packed_linears(layers, rows):
-            chain()
-            packed = _best_seconds(chain, repeats)
+    plain = packed = float("inf")
+    with torch.no_grad(), packed_linears(layers, rows):
+        chain(False), chain(True)  # warm-up: the first calls pick kernels and touch the packed copies
+        for _ in range(repeats):
+            plain = min(plain, _best_seconds(lambda: chain(False), 1))
+            packed = min(packed, _best_seconds(lambda: chain(True), 1))
     return plain >= margin * packed

@@ -510,26 +510,44 @@ def test_generate_head_on_last_prompt_position_and_autocast_kv_cache(name, monke
     assert cache_dtypes == [torch.float32, torch.bfloat16]
 
 
+class OpNames(TorchDispatchMode):
+    """Records the name of every op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_packed_linears_answer_as_f_linear_inside_and_are_plain_again_after():
-    """model.packed_linears: inside, every fp32 nn.Linear (the tied head too) answers from oneDNN-prepacked weights,
-    what F.linear answers up to summation order, for 2-D and 3-D inputs of any row count (prefill and decode); with
-    gradients enabled or under autocast they keep F.linear; after it, forward is nn.Linear's own."""
+    """model.packed_linears: inside, every fp32 nn.Linear (the tied head too) answers inputs of at most `rows` rows
+    (2-D or 3-D) with oneDNN's packed op, what F.linear answers up to summation order, and larger ones (a prefill)
+    with F.linear itself; with gradients enabled or under autocast nothing is packed; after it, forward is
+    nn.Linear's own."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    inputs = [(torch.randn(5, m.in_features), torch.randn(3, 7, m.in_features)) for m in linears]
+    inputs = [(torch.randn(5, m.in_features), torch.randn(4, 1, m.in_features), torch.randn(3, 7, m.in_features))
+              for m in linears]
     with torch.no_grad():
-        plain = [(m(x2), m(x3)) for m, (x2, x3) in zip(linears, inputs)]
-        with packed_linears(model, rows=3):
-            assert all("forward" in vars(m) for m in linears)  # the packed forward is in use
-            for m, (x2, x3), (y2, y3) in zip(linears, inputs, plain):
-                torch.testing.assert_close(m(x2), y2, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(m(x3), y3, rtol=1e-5, atol=1e-5)
+        plain = [[m(x) for x in xs] for m, xs in zip(linears, inputs)]
+        with packed_linears(model, rows=5):
+            for m, xs, ys in zip(linears, inputs, plain):
+                for x, y in zip(xs[:2], ys[:2]):  # 5 and 4 rows: packed
+                    with OpNames() as ops:
+                        torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+                    assert "mkldnn._linear_pointwise.default" in ops.names
+                with OpNames() as ops:
+                    assert torch.equal(m(xs[2]), ys[2])  # 21 rows: F.linear
+                assert not any("mkldnn" in name for name in ops.names)
         assert not any("forward" in vars(m) for m in linears)
-        assert all(torch.equal(m(x2), y2) for m, (x2, _), (y2, _) in zip(linears, inputs, plain))  # nn.Linear again
-        with torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model, rows=3):
+        assert all(torch.equal(m(xs[0]), ys[0]) for m, xs, ys in zip(linears, inputs, plain))  # nn.Linear again
+        with torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model, rows=5):
             assert not any("forward" in vars(m) for m in linears)  # autocast casts: left to F.linear
-    with packed_linears(model, rows=3):  # gradients enabled: nothing packed (no backward through the packed op)
+    with packed_linears(model, rows=5):  # gradients enabled: nothing packed (no backward through the packed op)
         assert not any("forward" in vars(m) for m in linears)
 
 
