@@ -117,11 +117,12 @@ def fp32_attention_is_faster(n_head, head_dim, repeats=3, margin=1.2):
 def packed_decode_is_faster(n_embd, hidden=None, rows=64, repeats=5, margin=1.1):
     """True when fp32 (rows x n_embd) @ (n_embd x hidden) products, the MLP's shape at a decode step of generate(),
     run `margin` times faster on weights prepacked by oneDNN (model.packed_linears) than through F.linear on this
-    CPU. Timed over distinct weights of 64 MB together, more than a CPU cache holds, as a decode step streams the
-    model's weights from memory (with one weight warm in cache the two kernels ran closer than they do in
-    generate()), the two alternating so that a slow moment of a shared machine slows both (docs/performance.md)."""
+    CPU. Timed over distinct weights, 64 MB together (more than a CPU cache holds; at most 16 weights, so a small
+    model's probe stays quick), as a decode step streams the model's weights from memory (with one weight warm in
+    cache the two kernels ran closer than they do in generate()), the two alternating so that a slow moment of a
+    shared machine slows both (docs/performance.md)."""
     hidden = hidden or 4 * n_embd
-    layers = nn.ModuleList(nn.Linear(n_embd, hidden) for _ in range(min(64, max(2, 2 ** 24 // (n_embd * hidden)))))
+    layers = nn.ModuleList(nn.Linear(n_embd, hidden) for _ in range(min(16, max(2, 2 ** 24 // (n_embd * hidden)))))
     x = torch.randn(rows, n_embd)
 
     def chain(packed):
