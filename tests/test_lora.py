@@ -448,7 +448,7 @@ def test_bench_lora_key_configures_the_run_as_the_cli_does_and_counts_adapter_st
     bench, common = bench_modules()
     cpu = torch.device("cpu")
     spec = dict(algo="dpo", model="toy", dtype="fp32", device="cpu", logps="fused", bucket="1", ref_logps="live",
-                compile="0", lora="4", lora_targets="", warmup=0, steps=1, ckpt="0")
+                compile="0", lora="4", lora_targets="", warmup=0, steps=1, ckpt="0", decode="auto")
     switches = ["--fused_logps=True", "--bucket_by_length=True", "--activation_checkpointing=False"]
     assert common.switch_args({**spec, "lora": "0"}) == switches
     assert common.switch_args(spec) == switches + ["--lora_rank=4", "--lora_alpha=8"]
@@ -470,11 +470,12 @@ def test_bench_lora_key_configures_the_run_as_the_cli_does_and_counts_adapter_st
     assert full["trainable"] == n_params
     assert full["optimizer_state_bytes"] == 2 * 4 * n_params + 4 * n_tensors and full["grad_bytes"] == 4 * n_params
 
-    first = dict(logps="fused", bucket="1", ref_logps="precompute", compile="0", lora="0", ckpt="0")
+    first = dict(logps="fused", bucket="1", ref_logps="precompute", compile="0", lora="0", ckpt="0", decode="auto")
     assert bench.relevant("dpo", {**first, "ref_logps": "live"}, first)
     assert not bench.relevant("rm", {**first, "ref_logps": "live"}, first)  # rm has no reference: a repeated row
     assert bench.relevant("rm", {**first, "lora": "16"}, first)
     assert not bench.relevant("generate", {**first, "lora": "16"}, first)  # generation trains nothing
+    assert bench.relevant("generate", {**first, "decode": "packed"}, first)  # but its decode kernel is a switch
     row = dict(device="cpu", model="toy", dtype="fp32", algo="rm", variant="default", **first, peak_mb=1000.0,
                run_mb=400.0, step_s=2.0, trainable=1000)
     lines = bench.ratio_lines([row, {**row, "lora": "16", "variant": "lora=16", "peak_mb": 800.0, "run_mb": 100.0,
