@@ -16,6 +16,7 @@ from nanoalign.loading import build_policy
 from nanoalign.judge import LLMJudge
 from nanoalign.logps import batch_logps
 from nanoalign import model as model_module
+from nanoalign import oaif
 from nanoalign.model import GPT, GPTConfig, RewardModel, llama_config, set_attention_fp32
 from nanoalign.precision import bf16_is_faster, fp32_attention_is_faster
 from nanoalign.reference import Reference
@@ -294,3 +295,15 @@ def test_kernels_are_chosen_per_dtype_and_device_where_measured_faster(monkeypat
         assert trainer.set_kernels("float32", CPU, model_cfg) == (False, False)
     finally:
         set_attention_fp32(previous)
+
+
+def test_oaif_samples_under_bf16_autocast_only_when_its_dtype_resolved_to_bf16(monkeypatch):
+    """The OAIF recipe's answers follow the resolved --dtype: no autocast for float32 (it used to force bf16, which a
+    CPU without native bf16 emulates many times slower), bf16 autocast for bfloat16."""
+    seen = []
+    monkeypatch.setattr(oaif, "generate_rollout", lambda *args, autocast=None, **kw: seen.append(autocast))
+    oaif.answers(None, None, [[1]], 4, 0.0, "float32")
+    oaif.answers(None, None, [[1]], 4, 0.0, "bfloat16")
+    assert seen[0] is None
+    with seen[1]():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
